@@ -1,0 +1,53 @@
+"""pgskewer: durable pipelines, stored results and live views on the pgqueuer job queue."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pgskewer.advance import DuplicateRunError
+from pgskewer.encoding import EncodingError, parse_payload
+from pgskewer.graph import parallel, step
+from pgskewer.model import LogLine, RunState, Status, StepState, TaskResult
+from pgskewer.queuer import ImprovedQueuer, RunNotFoundError, connect
+
+__all__ = [
+    "DuplicateRunError",
+    "EncodingError",
+    "ImprovedQueuer",
+    "LogLine",
+    "RunNotFoundError",
+    "RunState",
+    "Status",
+    "StepState",
+    "TaskResult",
+    "connect",
+    "load_ipython_extension",
+    "parallel",
+    "parse_payload",
+    "session",
+    "step",
+    "unblock",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # unblock is imported on first use, so importing pgskewer stays light.
+    if name == "unblock":
+        from pgskewer.unblock import unblock
+
+        return unblock
+    raise AttributeError(f"module 'pgskewer' has no attribute {name!r}")
+
+
+def session(*args: Any, **kwargs: Any) -> Any:
+    """Start a notebook session; see :class:`pgskewer.notebook.Session`."""
+    from pgskewer.notebook import Session
+
+    return Session(*args, **kwargs)
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """Register the ``%pgskewer`` magic: ``%load_ext pgskewer``."""
+    from pgskewer.notebook.magics import load_ipython_extension as load
+
+    load(ipython)

@@ -1,0 +1,253 @@
+"""The pgqueuer executor that runs one step of a run.
+
+Before any user code runs, the executor claims the step in the database: a step that is
+already terminal is never run again, even when pgqueuer re-delivers its job (it records a
+job's completion up to about 100 ms after the handler returns, so a worker killed in that
+window leaves a finished job to be picked again). Every claim counts an attempt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import traceback
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from pgqueuer.executors import AbstractEntrypointExecutor
+from pgqueuer.models import Context, Job
+
+from pgskewer import advance, encoding, store
+from pgskewer._context import output_sink
+from pgskewer.graph import find_node, resolve_graph
+from pgskewer.logs import capturing
+from pgskewer.model import ErrorInfo, Status
+from pgskewer.registry import TaskOptions, TaskSpec
+
+if TYPE_CHECKING:
+    from pgskewer.queuer import ImprovedQueuer
+
+logger = logging.getLogger("pgskewer")
+
+#: The largest encoded result a step may return, in bytes.
+MAX_RESULT_BYTES = 64 * 1024 * 1024
+
+
+@dataclasses.dataclass
+class StepExecutor(AbstractEntrypointExecutor):
+    """Runs the current function registered under ``name`` for each job."""
+
+    name: str = ""
+    queuer: ImprovedQueuer | None = None
+
+    async def execute(self, job: Job, context: Context) -> None:
+        assert self.queuer is not None
+        await Runner(self.queuer, self.name, job, context).run()
+
+
+class Runner:
+    """One job of one entrypoint, from claim to stored outcome."""
+
+    def __init__(self, queuer: ImprovedQueuer, name: str, job: Job, context: Context) -> None:
+        self.queuer = queuer
+        self.settings = queuer.settings
+        self.name = name
+        self.job = job
+        self.context = context
+
+    async def run(self) -> None:
+        claim = await self._claim()
+        if claim is None:
+            return
+        spec = self.queuer.registry.task(claim.task)
+        if spec is None:
+            await self._fail_unknown(claim)
+            return
+        node = find_node(claim.run.graph, claim.path)
+        options = spec.options.merged(node.get("options"))
+        if not options.cancelable:
+            await self._mark_not_cancelable(claim)
+        outcome = await self._attempt(claim, spec, options)
+        if outcome is None:
+            return
+        await self._store(claim, outcome)
+        if outcome.status is Status.EXCEPTION and outcome.error is not None:
+            # pgqueuer records the job as failed, with the task's own error.
+            raise StepFailed(outcome.error)
+
+    async def _claim(self) -> store.Claim | None:
+        pool = self.queuer.pool
+        async with pool.acquire() as connection:
+            claim = await store.claim_step(connection, self.settings, self.job.id, self.queuer.worker_id)
+            if claim is not None:
+                return claim
+
+            found = await store.step_of_job(connection, self.settings, self.job.id)
+            if found is None:
+                return await self._adopt(connection)
+
+            run_id, path, step_status, run_status = found
+            if step_status.is_terminal:
+                logger.info(
+                    "job %d: step %s of run %d is already %s; not running it again",
+                    self.job.id, path, run_id, step_status.value,
+                )
+                return None
+            if run_status is Status.CANCELING or run_status.is_terminal:
+                await advance.finish_step(
+                    connection, self.settings, run_id, path,
+                    advance.Outcome(Status.CANCELED, error=_cancel_error("the run was canceled")),
+                )
+            return None
+
+    async def _adopt(self, connection: Any) -> store.Claim | None:
+        # A job enqueued with pgqueuer's own API has no run yet: this entrypoint's run
+        # starts here, as a one-step task run or as a pipeline whose steps get enqueued.
+        pipeline = self.queuer.registry.pipeline(self.name)
+        kind = "pipeline" if pipeline is not None else "task"
+        graph = resolve_graph(self.name, kind, pipeline, self.queuer.registry.pipeline)
+        adopted = await advance.adopt_job(
+            connection, self.settings,
+            job_id=self.job.id, name=self.name, kind=kind, graph=graph,
+            payload=self.job.payload, priority=self.job.priority,
+        )
+        if not adopted or kind == "pipeline":
+            return None
+        return await store.claim_step(connection, self.settings, self.job.id, self.queuer.worker_id)
+
+    async def _mark_not_cancelable(self, claim: store.Claim) -> None:
+        async with self.queuer.pool.acquire() as connection:
+            await connection.execute(
+                f"UPDATE {self.settings.table('steps')} SET cancelable = false "
+                "WHERE run_id = $1 AND path = $2",
+                claim.run.id, claim.path,
+            )
+
+    async def _fail_unknown(self, claim: store.Claim) -> None:
+        message = f"no task named {claim.task!r} is registered in this worker"
+        if self.queuer.registry.pipeline(claim.task) is not None:
+            message = f"{claim.task!r} is a pipeline here, but the run's graph has it as a task"
+        logger.error("run %d step %s: %s", claim.run.id, claim.path, message)
+        await self._store(claim, advance.Outcome(
+            Status.EXCEPTION, error={"type": "LookupError", "message": message, "traceback": ""}
+        ))
+
+    async def _attempt(
+        self, claim: store.Claim, spec: TaskSpec, options: TaskOptions
+    ) -> advance.Outcome | None:
+        job = self.job
+        if claim.run.kind == "pipeline":
+            async with self.queuer.pool.acquire() as connection:
+                payload = await advance.step_payload(connection, self.settings, claim.run, claim.path)
+            job = job.model_copy(update={"payload": payload})
+
+        sink = self.queuer.log_writer.sink_for(claim.run.id, claim.path)
+        token = output_sink.set(sink)
+        try:
+            value = await self._call(spec, options, job)
+        except StepCanceled:
+            outcome = advance.Outcome(Status.CANCELED, error=_cancel_error("the step was canceled"))
+        except TimeoutError as exc:
+            outcome = await self._failure(claim, options, exc, timed_out=True)
+        except Exception as exc:
+            outcome = await self._failure(claim, options, exc, timed_out=False)
+        else:
+            outcome = _success(value, options)
+        finally:
+            output_sink.reset(token)
+            await self.queuer.log_writer.finish_step(claim.run.id, claim.path)
+        return outcome
+
+    async def _call(self, spec: TaskSpec, options: TaskOptions, job: Job) -> Any:
+        arguments: tuple[Any, ...] = (job, self.context) if spec.accepts_context else (job,)
+        scope = self.context.cancellation if options.cancelable else anyio.CancelScope()
+        with scope:
+            with capturing(options.capture_output):
+                if options.timeout is None:
+                    return await spec.function(*arguments)
+                with anyio.fail_after(options.timeout):
+                    return await spec.function(*arguments)
+        # Reached only when the scope swallowed its own cancellation.
+        raise StepCanceled()
+
+    async def _failure(
+        self, claim: store.Claim, options: TaskOptions, exc: BaseException, *, timed_out: bool
+    ) -> advance.Outcome | None:
+        error = _error_info(exc, claim, options, timed_out)
+        if claim.attempts <= options.retries:
+            delay = options.retry_backoff * 2 ** (claim.attempts - 1)
+            async with self.queuer.pool.acquire() as connection:
+                retried = await advance.schedule_retry(
+                    connection, self.settings, claim.run.id, claim.path, claim.task, delay, error
+                )
+            if retried:
+                logger.info(
+                    "run %d step %s (%s) failed on attempt %d (%s); retrying in %.1fs",
+                    claim.run.id, claim.path, claim.task, claim.attempts, error["type"], delay,
+                )
+                return None
+        logger.info(
+            "run %d step %s (%s) failed: %s: %s",
+            claim.run.id, claim.path, claim.task, error["type"], error["message"],
+        )
+        return advance.Outcome(Status.EXCEPTION, error=error, crashable=options.crashable)
+
+    async def _store(self, claim: store.Claim, outcome: advance.Outcome) -> None:
+        with anyio.CancelScope(shield=True):
+            async with self.queuer.pool.acquire() as connection:
+                await advance.finish_step(connection, self.settings, claim.run.id, claim.path, outcome)
+
+
+class StepCanceled(Exception):
+    """The step's cancel scope was cancelled: a run cancel or a failing sibling."""
+
+
+class StepFailed(Exception):
+    """Raised to pgqueuer after a failed step is stored, so its log shows ``exception``."""
+
+    def __init__(self, error: ErrorInfo) -> None:
+        super().__init__(f"{error['type']}: {error['message']}")
+        self.error = error
+
+
+def _success(value: Any, options: TaskOptions) -> advance.Outcome:
+    if not options.store_results:
+        return advance.Outcome(Status.SUCCESSFUL)
+    try:
+        text = encoding.encode_text(value)
+    except encoding.EncodingError as exc:
+        error: ErrorInfo = {"type": "TypeError", "message": str(exc), "traceback": ""}
+        return advance.Outcome(Status.EXCEPTION, error=error, crashable=options.crashable)
+    if len(text) > MAX_RESULT_BYTES:
+        message = (
+            f"the result is {len(text)} bytes of JSON, above the limit of {MAX_RESULT_BYTES}; "
+            "store large data elsewhere (a table, a file) and return a reference to it"
+        )
+        error = {"type": "ValueError", "message": message, "traceback": ""}
+        return advance.Outcome(Status.EXCEPTION, error=error, crashable=options.crashable)
+    return advance.Outcome(Status.SUCCESSFUL, result_text=text)
+
+
+def _error_info(
+    exc: BaseException, claim: store.Claim, options: TaskOptions, timed_out: bool
+) -> ErrorInfo:
+    if timed_out:
+        seconds = options.timeout if options.timeout is not None else math.nan
+        message = f"step {claim.path} ({claim.task}) timed out after {seconds:g}s"
+        return {"type": "TimeoutError", "message": message, "traceback": _format(exc)}
+    return {"type": type(exc).__name__, "message": str(exc), "traceback": _format(exc)}
+
+
+def _format(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(exc))
+
+
+def _cancel_error(message: str) -> ErrorInfo:
+    return {"type": "CancelledError", "message": message, "traceback": ""}
+
+
+def new_worker_id() -> uuid.UUID:
+    """Return a fresh worker id."""
+    return uuid.uuid4()
