@@ -110,7 +110,13 @@ async def start_run(
             if dedupe_key is not None and _is_unique_violation(exc):
                 raise DuplicateRunError(dedupe_key, None) from None
             raise
-        await _insert_steps(connection, settings, run_id, graph, dict(zip([n["path"] for n in first], job_ids, strict=True)))
+        await _insert_steps(
+            connection,
+            settings,
+            run_id,
+            graph,
+            dict(zip([n["path"] for n in first], job_ids, strict=True)),
+        )
     return run_id
 
 
@@ -132,7 +138,8 @@ async def adopt_job(
     """
     async with connection.transaction():
         inserted = await connection.fetchval(
-            f"INSERT INTO {settings.table('runs')} (id, name, kind, status, input, graph, priority) "
+            f"INSERT INTO {settings.table('runs')} "
+            "(id, name, kind, status, input, graph, priority) "
             "VALUES ($1, $2, $3, 'queued', $4, $5, $6) ON CONFLICT (id) DO NOTHING RETURNING id",
             job_id,
             name,
@@ -345,7 +352,9 @@ async def _step_rows(connection: Any, settings: Settings, run_id: int) -> dict[s
     return {row["path"]: row for row in rows}
 
 
-async def _wind_down(connection: Any, settings: Settings, run: RunRow, steps: dict[str, Any]) -> None:
+async def _wind_down(
+    connection: Any, settings: Settings, run: RunRow, steps: dict[str, Any]
+) -> None:
     to_cancel = [
         row["job_id"]
         for row in steps.values()
@@ -368,7 +377,9 @@ async def _wind_down(connection: Any, settings: Settings, run: RunRow, steps: di
     )
 
 
-async def _enqueue_steps(connection: Any, settings: Settings, run: RunRow, nodes: list[Node]) -> None:
+async def _enqueue_steps(
+    connection: Any, settings: Settings, run: RunRow, nodes: list[Node]
+) -> None:
     # A task run's job carries the run input as its payload; pipeline steps build theirs.
     payload = run.input if run.kind == "task" else None
     job_ids = await _enqueue(connection, nodes, [payload] * len(nodes), 0, None)
@@ -534,8 +545,13 @@ def _node_result_json(run: RunRow, node: Node, results: Mapping[str, Any]) -> st
     ok = status == "successful"
     tasks = tasks_json(run, inner, results)
     return (
-        '{"status":' + json.dumps(status) + ',"ok":' + ("true" if ok else "false")
-        + ',"result":{"tasks":' + tasks + "}}"
+        '{"status":'
+        + json.dumps(status)
+        + ',"ok":'
+        + ("true" if ok else "false")
+        + ',"result":{"tasks":'
+        + tasks
+        + "}}"
     )
 
 
@@ -560,9 +576,7 @@ def task_result_json(row: Any, run_id: int, path: str) -> str:
     return "".join(parts)
 
 
-async def step_payload(
-    connection: Any, settings: Settings, run: RunRow, path: str
-) -> bytes:
+async def step_payload(connection: Any, settings: Settings, run: RunRow, path: str) -> bytes:
     """Assemble the payload a pipeline step receives from the stored results.
 
     ``{"initial": <run input>, "pipeline": {"name", "steps", "run_id", "step"},
@@ -579,9 +593,13 @@ async def step_payload(
         "task": find_node(run.graph, path)["name"],
     }
     text = (
-        '{"initial":' + initial_json(run.input)
-        + ',"pipeline":' + json.dumps(pipeline)
-        + ',"tasks":' + tasks_json(run, earlier, results) + "}"
+        '{"initial":'
+        + initial_json(run.input)
+        + ',"pipeline":'
+        + json.dumps(pipeline)
+        + ',"tasks":'
+        + tasks_json(run, earlier, results)
+        + "}"
     )
     return text.encode("utf-8")
 
@@ -589,7 +607,11 @@ async def step_payload(
 def _step_names(node: Node) -> list[Any]:
     names: list[Any] = []
     for child in node["steps"]:
-        names.append([_name_or_group(member) for member in child["steps"]] if child["kind"] == "group" else child["name"])
+        names.append(
+            [_name_or_group(member) for member in child["steps"]]
+            if child["kind"] == "group"
+            else child["name"]
+        )
     return names
 
 
@@ -640,7 +662,9 @@ async def resume_run(connection: Any, settings: Settings, run_id: int) -> bool:
             )
         except Exception as exc:
             if _is_unique_violation(exc):
-                raise DuplicateRunError(str(await _dedupe_key(connection, settings, run_id)), None) from None
+                raise DuplicateRunError(
+                    str(await _dedupe_key(connection, settings, run_id)), None
+                ) from None
             raise
         run = dataclasses.replace(run, status=Status.RUNNING, failed_step=None)
         await settle(connection, settings, run)

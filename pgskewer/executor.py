@@ -80,7 +80,9 @@ class Runner:
     async def _claim(self) -> store.Claim | None:
         pool = self.queuer.pool
         async with pool.acquire() as connection:
-            claim = await store.claim_step(connection, self.settings, self.job.id, self.queuer.worker_id)
+            claim = await store.claim_step(
+                connection, self.settings, self.job.id, self.queuer.worker_id
+            )
             if claim is not None:
                 return claim
 
@@ -92,12 +94,18 @@ class Runner:
             if step_status.is_terminal:
                 logger.info(
                     "job %d: step %s of run %d is already %s; not running it again",
-                    self.job.id, path, run_id, step_status.value,
+                    self.job.id,
+                    path,
+                    run_id,
+                    step_status.value,
                 )
                 return None
             if run_status is Status.CANCELING or run_status.is_terminal:
                 await advance.finish_step(
-                    connection, self.settings, run_id, path,
+                    connection,
+                    self.settings,
+                    run_id,
+                    path,
                     advance.Outcome(Status.CANCELED, error=_cancel_error("the run was canceled")),
                 )
             return None
@@ -109,9 +117,14 @@ class Runner:
         kind = "pipeline" if pipeline is not None else "task"
         graph = resolve_graph(self.name, kind, pipeline, self.queuer.registry.pipeline)
         adopted = await advance.adopt_job(
-            connection, self.settings,
-            job_id=self.job.id, name=self.name, kind=kind, graph=graph,
-            payload=self.job.payload, priority=self.job.priority,
+            connection,
+            self.settings,
+            job_id=self.job.id,
+            name=self.name,
+            kind=kind,
+            graph=graph,
+            payload=self.job.payload,
+            priority=self.job.priority,
         )
         if not adopted or kind == "pipeline":
             return None
@@ -122,7 +135,8 @@ class Runner:
             await connection.execute(
                 f"UPDATE {self.settings.table('steps')} SET cancelable = false "
                 "WHERE run_id = $1 AND path = $2",
-                claim.run.id, claim.path,
+                claim.run.id,
+                claim.path,
             )
 
     async def _fail_unknown(self, claim: store.Claim) -> None:
@@ -130,9 +144,12 @@ class Runner:
         if self.queuer.registry.pipeline(claim.task) is not None:
             message = f"{claim.task!r} is a pipeline here, but the run's graph has it as a task"
         logger.error("run %d step %s: %s", claim.run.id, claim.path, message)
-        await self._store(claim, advance.Outcome(
-            Status.EXCEPTION, error={"type": "LookupError", "message": message, "traceback": ""}
-        ))
+        await self._store(
+            claim,
+            advance.Outcome(
+                Status.EXCEPTION, error={"type": "LookupError", "message": message, "traceback": ""}
+            ),
+        )
 
     async def _attempt(
         self, claim: store.Claim, spec: TaskSpec, options: TaskOptions
@@ -140,11 +157,14 @@ class Runner:
         job = self.job
         if claim.run.kind == "pipeline":
             async with self.queuer.pool.acquire() as connection:
-                payload = await advance.step_payload(connection, self.settings, claim.run, claim.path)
+                payload = await advance.step_payload(
+                    connection, self.settings, claim.run, claim.path
+                )
             job = job.model_copy(update={"payload": payload})
 
         sink = self.queuer.log_writer.sink_for(claim.run.id, claim.path)
         token = output_sink.set(sink)
+        outcome: advance.Outcome | None
         try:
             value = await self._call(spec, options, job)
         except StepCanceled:
@@ -185,19 +205,30 @@ class Runner:
             if retried:
                 logger.info(
                     "run %d step %s (%s) failed on attempt %d (%s); retrying in %.1fs",
-                    claim.run.id, claim.path, claim.task, claim.attempts, error["type"], delay,
+                    claim.run.id,
+                    claim.path,
+                    claim.task,
+                    claim.attempts,
+                    error["type"],
+                    delay,
                 )
                 return None
         logger.info(
             "run %d step %s (%s) failed: %s: %s",
-            claim.run.id, claim.path, claim.task, error["type"], error["message"],
+            claim.run.id,
+            claim.path,
+            claim.task,
+            error["type"],
+            error["message"],
         )
         return advance.Outcome(Status.EXCEPTION, error=error, crashable=options.crashable)
 
     async def _store(self, claim: store.Claim, outcome: advance.Outcome) -> None:
         with anyio.CancelScope(shield=True):
             async with self.queuer.pool.acquire() as connection:
-                await advance.finish_step(connection, self.settings, claim.run.id, claim.path, outcome)
+                await advance.finish_step(
+                    connection, self.settings, claim.run.id, claim.path, outcome
+                )
 
 
 class StepCanceled(Exception):

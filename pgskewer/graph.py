@@ -85,7 +85,12 @@ def resolve_graph(
     ``ValueError`` naming the cycle.
     """
     if kind == "task" or definition is None:
-        return {"kind": "sequence", "path": "", "name": name, "steps": [_task_node("1", Step(name))]}
+        return {
+            "kind": "sequence",
+            "path": "",
+            "name": name,
+            "steps": [_task_node("1", Step(name))],
+        }
     return _sequence_node("", name, definition.steps, lookup_pipeline, (name,))
 
 
@@ -107,7 +112,12 @@ def _sequence_node(
         _node(_join(path, str(index)), member, lookup, stack)
         for index, member in enumerate(steps, start=1)
     ]
-    return {"kind": "sequence" if not path else "pipeline", "path": path, "name": name, "steps": children}
+    return {
+        "kind": "sequence" if not path else "pipeline",
+        "path": path,
+        "name": name,
+        "steps": children,
+    }
 
 
 def _node(
@@ -228,7 +238,9 @@ def top_level_nodes(graph: Node) -> list[Node]:
     return nodes
 
 
-def normalize(steps: tuple[Any, ...], resolve_function: Callable[[Any], str]) -> tuple[StepDefinition, ...]:
+def normalize(
+    steps: tuple[Any, ...], resolve_function: Callable[[Any], str]
+) -> tuple[StepDefinition, ...]:
     """Turn user step arguments into definitions.
 
     Among several arguments a list is a parallel group; a single list argument is the

@@ -92,8 +92,14 @@ class LogWriter:
         if dropped:
             count = self._counts.get(key, 0)
             self._pending.append(
-                (run_id, step, "system", count, f"[pgskewer] {dropped} more lines were dropped: "
-                 f"a step keeps at most {MAX_LINES_PER_STEP} lines")
+                (
+                    run_id,
+                    step,
+                    "system",
+                    count,
+                    f"[pgskewer] {dropped} more lines were dropped: "
+                    f"a step keeps at most {MAX_LINES_PER_STEP} lines",
+                )
             )
         self._counts.pop(key, None)
         await self.flush()
@@ -128,14 +134,19 @@ class LogWriter:
 
 
 async def read_lines(
-    connection: Any, settings: Settings, run_id: int, step: str | None, after_id: int, limit: int = 5000
+    connection: Any,
+    settings: Settings,
+    run_id: int,
+    step: str | None,
+    after_id: int,
+    limit: int = 5000,
 ) -> list[Any]:
     """Return stored lines of a run (or one step) with ids above ``after_id``, in order."""
     return list(
         await connection.fetch(
-            f"SELECT id, run_id, step, stream, seq, text, created FROM {settings.table('log_lines')} "
-            "WHERE run_id = $1 AND id > $2 AND ($3::text IS NULL OR step = $3 OR step LIKE $3 || '.%') "
-            "ORDER BY id LIMIT $4",
+            "SELECT id, run_id, step, stream, seq, text, created "
+            f"FROM {settings.table('log_lines')} WHERE run_id = $1 AND id > $2 "
+            "AND ($3::text IS NULL OR step = $3 OR step LIKE $3 || '.%') ORDER BY id LIMIT $4",
             run_id,
             after_id,
             step,
@@ -215,7 +226,7 @@ def install_capture() -> None:
         if _streams is not None and sys.stdout is _streams[0] and sys.stderr is _streams[1]:
             return
         _streams = (_SinkStream("stdout", sys.stdout), _SinkStream("stderr", sys.stderr))
-        sys.stdout, sys.stderr = _streams  # type: ignore[assignment]
+        sys.stdout, sys.stderr = _streams
         handler = _SinkHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         logging.getLogger().addHandler(handler)
@@ -237,4 +248,3 @@ def capturing(enabled: bool) -> Any:
         if sink is not None and _streams is not None:
             for stream in _streams:
                 stream.flush_sink(sink)
-

@@ -101,7 +101,13 @@ class ImprovedQueuer:
         for name in self.registry.names():
             self._register_executor(name)
 
-    async def bind(self, dsn: str | None = None, *, embedded: bool | None = None, pool_size: int = DEFAULT_POOL_SIZE) -> None:
+    async def bind(
+        self,
+        dsn: str | None = None,
+        *,
+        embedded: bool | None = None,
+        pool_size: int = DEFAULT_POOL_SIZE,
+    ) -> None:
         """Connect an unbound queuer to a database (see :func:`connect` for ``dsn``)."""
         if self._pgq is not None:
             return
@@ -320,11 +326,14 @@ class ImprovedQueuer:
         served = await served_entrypoints(connection, self.settings)
         if served is not None and name not in served:
             logger.warning(
-                "no live worker serves %r; the run stays queued until one does "
-                "(registered: %s)", name, ", ".join(sorted(served)) or "none",
+                "no live worker serves %r; the run stays queued until one does (registered: %s)",
+                name,
+                ", ".join(sorted(served)) or "none",
             )
 
-    async def result(self, run_id: int | list[int], timeout: float | None = None) -> TaskResult | None:
+    async def result(
+        self, run_id: int | list[int], timeout: float | None = None
+    ) -> TaskResult | None:
         """Wait for a run's ``TaskResult``; return ``None`` if ``timeout`` seconds pass first.
 
         Failures are returned (``ok=False``), not raised. Raises :class:`RunNotFoundError`
@@ -358,7 +367,11 @@ class ImprovedQueuer:
         if state is None:
             raise RunNotFoundError(run_id)
         if state in ("canceled", "deleted"):
-            message = "the job was canceled" if state == "canceled" else "the job was deleted from the queue"
+            message = (
+                "the job was canceled"
+                if state == "canceled"
+                else "the job was deleted from the queue"
+            )
             return {
                 "status": "canceled",
                 "ok": False,
@@ -377,13 +390,17 @@ class ImprovedQueuer:
             raise RunNotFoundError(run_id)
         return state
 
-    async def runs(self, limit: int = 50, status: str | None = None, name: str | None = None) -> list[RunState]:
+    async def runs(
+        self, limit: int = 50, status: str | None = None, name: str | None = None
+    ) -> list[RunState]:
         """Return recent runs, newest first."""
         if status is not None:
             Status(status)  # raises ValueError naming the status when it is not one
         pool = await self._ready()
         async with pool.acquire() as connection:
-            return await store.fetch_runs(connection, self.settings, limit=limit, status=status, name=name)
+            return await store.fetch_runs(
+                connection, self.settings, limit=limit, status=status, name=name
+            )
 
     async def cancel(self, run_id: int | list[int]) -> Status:
         """Cancel a run (or the run of a step's job id); return its status afterwards.
@@ -446,15 +463,24 @@ class ImprovedQueuer:
         with hub.subscribe(run_id) if hub is not None else contextlib.nullcontext() as subscription:
             while True:
                 async with pool.acquire() as connection:
-                    if last_id == 0 and not await store.run_exists(connection, self.settings, run_id):
+                    if last_id == 0 and not await store.run_exists(
+                        connection, self.settings, run_id
+                    ):
                         raise RunNotFoundError(run_id)
-                    finished = (await store.fetch_result(connection, self.settings, run_id)) is not None
+                    finished = (
+                        await store.fetch_result(connection, self.settings, run_id)
+                    ) is not None
                     rows = await read_lines(connection, self.settings, run_id, step, last_id)
                 for row in rows:
                     last_id = row["id"]
                     yield LogLine(
-                        id=row["id"], run_id=row["run_id"], step=row["step"], stream=row["stream"],
-                        seq=row["seq"], text=row["text"], created_at=row["created"],
+                        id=row["id"],
+                        run_id=row["run_id"],
+                        step=row["step"],
+                        stream=row["stream"],
+                        seq=row["seq"],
+                        text=row["text"],
+                        created_at=row["created"],
                     )
                 if rows:
                     continue
@@ -477,6 +503,7 @@ class ImprovedQueuer:
     async def _events(self) -> EventHub:
         pool = await self._ready()
         if self._hub is None:
+
             async def release(connection: Any) -> None:
                 await pool.release(connection, timeout=5)
 
@@ -488,7 +515,11 @@ class ImprovedQueuer:
     def _on_event(self, event: dict[str, Any]) -> None:
         # The job-log trigger flags a run canceling when pgqueuer cancels one of its
         # steps; whoever hears it winds the run down (the work is idempotent).
-        if event.get("step") == "" and event.get("status") == "canceling" and self._presence is not None:
+        if (
+            event.get("step") == ""
+            and event.get("status") == "canceling"
+            and self._presence is not None
+        ):
             asyncio.get_running_loop().create_task(self._settle_canceling(int(event["run"])))
 
     async def _settle_canceling(self, run_id: int) -> None:
@@ -508,7 +539,7 @@ class ImprovedQueuer:
         heartbeat_timeout: float = 600.0,
         mode: QueueExecutionMode = QueueExecutionMode.continuous,
     ) -> None:
-        """Run the worker until ``shutdown`` is set.
+        """Run the worker until ``shutdown`` is set; see :func:`pgskewer.worker.run_worker`.
 
         Differences from pgqueuer's defaults: the worker claims at most ``concurrency``
         jobs at once (pgqueuer claims the whole backlog unless limited), so the batch size
@@ -519,45 +550,15 @@ class ImprovedQueuer:
         only the last resort and defaults to 10 minutes, which keeps a worker whose loop
         is briefly blocked from having its jobs run twice.
         """
-        pool = await self._ready()
-        if concurrency < 1:
-            raise ValueError(f"concurrency must be >= 1, got {concurrency}")
-        batch_size = max(1, concurrency // 2)
-        async with pool.acquire() as connection:
-            if not await schema.is_installed(connection, self.settings):
-                raise RuntimeError(
-                    "pgskewer's schema is not installed in this database; run "
-                    "'pgskewer install' or 'await queuer.install()' first"
-                )
-        for name in self.registry.names():
-            self._register_executor(name)
-        for name, cron, data in self._schedules:
-            with contextlib.suppress(RuntimeError):
-                self._register_schedule(name, cron, data)
-        await self._events()
-        self._presence = WorkerPresence(
-            self.settings, self.worker_id, self._dedicated_connection, pool,
-            self.registry.names, "pgqueuer", self.pgq.channel,
+        from pgskewer.worker import run_worker
+
+        await run_worker(
+            self,
+            concurrency=concurrency,
+            dequeue_timeout=dequeue_timeout,
+            heartbeat_timeout=heartbeat_timeout,
+            mode=mode,
         )
-        await self._presence.start()
-        logger.info(
-            "worker %s started: %d entrypoints, concurrency %d",
-            self.worker_id, len(self.registry.names()), concurrency,
-        )
-        try:
-            await self.pgq.run(
-                dequeue_timeout=timedelta(seconds=dequeue_timeout),
-                batch_size=batch_size,
-                max_concurrent_tasks=max(concurrency, 2 * batch_size),
-                heartbeat_timeout=timedelta(seconds=heartbeat_timeout),
-                mode=mode,
-            )
-        finally:
-            with anyio.CancelScope(shield=True):
-                await self.log_writer.flush()
-                await self._presence.stop()
-                self._presence = None
-            logger.info("worker %s stopped", self.worker_id)
 
     async def _dedicated_connection(self) -> Any:
         # A connection outside the pool, for the worker's advisory lock that must live as
@@ -604,7 +605,7 @@ async def create_pool(dsn: str, size: int = DEFAULT_POOL_SIZE) -> Any:
     """Open an asyncpg pool, turning connection failures into one clear error."""
     try:
         return await asyncpg.create_pool(dsn, min_size=1, max_size=max(2, size))
-    except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
         raise ConnectionError(
             f"cannot connect to PostgreSQL at {describe_dsn(dsn)}: {type(exc).__name__}: "
             f"{_redacted(str(exc), dsn)}; check that the server runs and the DSN is right"
@@ -652,7 +653,9 @@ def _connect_kwargs(connection: Any) -> dict[str, Any]:
 
 
 async def _pool_like(connection: Any) -> Any:
-    return await asyncpg.create_pool(min_size=1, max_size=DEFAULT_POOL_SIZE, **_connect_kwargs(connection))
+    return await asyncpg.create_pool(
+        min_size=1, max_size=DEFAULT_POOL_SIZE, **_connect_kwargs(connection)
+    )
 
 
 def _single_id(run_id: int | list[int]) -> int:

@@ -51,7 +51,9 @@ class TaskOptions:
 
     def __post_init__(self) -> None:
         if not isinstance(self.concurrency_limit, int) or self.concurrency_limit < 0:
-            raise ValueError(f"concurrency_limit must be an int >= 0, got {self.concurrency_limit!r}")
+            raise ValueError(
+                f"concurrency_limit must be an int >= 0, got {self.concurrency_limit!r}"
+            )
         if not isinstance(self.retries, int) or self.retries < 0:
             raise ValueError(f"retries must be an int >= 0, got {self.retries!r}")
         if self.retry_backoff < 0:
@@ -136,7 +138,10 @@ class Registry:
         """
         with self._lock:
             for spec in self.tasks.values():
-                if spec.function is function or getattr(function, "__wrapped__", None) is spec.function:
+                if (
+                    spec.function is function
+                    or getattr(function, "__wrapped__", None) is spec.function
+                ):
                     return spec.name
         label = getattr(function, "__qualname__", repr(function))
         raise ValueError(

@@ -70,7 +70,9 @@ async def claim_step(
     return Claim(run=run, path=row["path"], task=row["task"], attempts=row["attempts"])
 
 
-async def step_of_job(connection: Any, settings: Settings, job_id: int) -> tuple[int, str, Status, Status] | None:
+async def step_of_job(
+    connection: Any, settings: Settings, job_id: int
+) -> tuple[int, str, Status, Status] | None:
     """Return ``(run_id, path, step status, run status)`` of a job, or ``None``."""
     row = await connection.fetchrow(
         f"SELECT s.run_id, s.path, s.status, r.status AS run_status "
@@ -144,9 +146,7 @@ async def job_state(connection: Any, job_id: int) -> str | None:
     return None if logged is None else str(logged)
 
 
-_RUN_COLUMNS = (
-    "id, name, kind, status, graph, dedupe_key, failed_step, created, started, finished"
-)
+_RUN_COLUMNS = "id, name, kind, status, graph, dedupe_key, failed_step, created, started, finished"
 
 
 async def fetch_run_state(connection: Any, settings: Settings, run_id: int) -> RunState | None:

@@ -120,7 +120,9 @@ class WorkerPresence:
                 self.worker_id,
             )
             for other in others:
-                if not await connection.fetchval("SELECT pg_try_advisory_lock($1)", other["lock_key"]):
+                if not await connection.fetchval(
+                    "SELECT pg_try_advisory_lock($1)", other["lock_key"]
+                ):
                     continue
                 try:
                     released += await self._release_jobs_of(connection, other["id"])
@@ -153,17 +155,21 @@ class WorkerPresence:
             await connection.execute(
                 "SELECT pg_notify($1, $2)",
                 self._pgqueuer_channel,
-                json.dumps({
-                    "type": "table_changed_event",
-                    "operation": "update",
-                    "table": self._queue_table,
-                    "sent_at": datetime.now(UTC).isoformat(),
-                }),
+                json.dumps(
+                    {
+                        "type": "table_changed_event",
+                        "operation": "update",
+                        "table": self._queue_table,
+                        "sent_at": datetime.now(UTC).isoformat(),
+                    }
+                ),
             )
         self.takeovers.append((dead, asyncio.get_running_loop().time()))
         logger.warning(
             "worker %s is gone (its lock was free); released %d of its jobs: %s",
-            dead, len(job_ids), job_ids,
+            dead,
+            len(job_ids),
+            job_ids,
         )
         return job_ids
 

@@ -20,7 +20,7 @@ import pytest
 SYSTEM_DSN = os.environ.get("PGSKEWER_TEST_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
-# The tests pick the database themselves; discovery variables of the caller's shell must not leak in.
+# Tests choose their databases; DSN variables from the caller's shell must not leak in.
 for _name in ("PGSKEWER_DSN", "DATABASE_URL"):
     os.environ.pop(_name, None)
 
@@ -31,7 +31,7 @@ def _server_reachable(dsn: str) -> bool:
     async def probe() -> bool:
         try:
             conn = await asyncpg.connect(dsn, timeout=3)
-        except (OSError, asyncpg.PostgresError, asyncio.TimeoutError):
+        except (TimeoutError, OSError, asyncpg.PostgresError):
             return False
         await conn.close()
         return True
@@ -167,7 +167,9 @@ def _describe(dsn: str) -> str:
 
 
 def pytest_report_header(config: pytest.Config) -> str:
-    return f"pgskewer test server: {_describe(SYSTEM_DSN)} (falls back to embedded when unreachable)"
+    return (
+        f"pgskewer test server: {_describe(SYSTEM_DSN)} (falls back to embedded when unreachable)"
+    )
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
