@@ -677,3 +677,29 @@ async def _dedupe_key(connection: Any, settings: Settings, run_id: int) -> str |
         f"SELECT dedupe_key FROM {settings.table('runs')} WHERE id = $1", run_id
     )
     return None if key is None else str(key)
+
+
+async def release_step(
+    connection: Any, settings: Settings, run_id: int, path: str, task: str
+) -> bool:
+    """Give a running step back to the queue so another worker runs it from the start.
+
+    Used when a worker stops and cancels the steps still running after its grace period.
+    The step gets a new job; the attempt already counted stays counted. Returns ``False``
+    when the run is winding down, in which case the caller stores the step as canceled.
+    """
+    async with connection.transaction():
+        run = await _lock_run(connection, settings, run_id)
+        if run is None or run.status in (Status.CANCELING, *TERMINAL):
+            return False
+        payload = run.input if run.kind == "task" else None
+        [job_id] = await _enqueue(connection, [{"name": task}], [payload], 0, None)
+        await connection.execute(
+            f"UPDATE {settings.table('steps')} SET status = 'queued', job_id = $3, "
+            "worker_id = NULL, queued = now(), updated = now() WHERE run_id = $1 AND path = $2",
+            run_id,
+            path,
+            job_id,
+        )
+    logger.info("run %d step %s released for another worker (job %d)", run_id, path, job_id)
+    return True

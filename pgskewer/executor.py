@@ -168,7 +168,7 @@ class Runner:
         try:
             value = await self._call(spec, options, job)
         except StepCanceled:
-            outcome = advance.Outcome(Status.CANCELED, error=_cancel_error("the step was canceled"))
+            outcome = await self._canceled(claim)
         except TimeoutError as exc:
             outcome = await self._failure(claim, options, exc, timed_out=True)
         except Exception as exc:
@@ -191,6 +191,19 @@ class Runner:
                     return await spec.function(*arguments)
         # Reached only when the scope swallowed its own cancellation.
         raise StepCanceled()
+
+    async def _canceled(self, claim: store.Claim) -> advance.Outcome | None:
+        # A worker that stops after its grace period cancels its running steps; they go
+        # back to the queue instead of ending the run.
+        if self.queuer.releasing:
+            with anyio.CancelScope(shield=True):
+                async with self.queuer.pool.acquire() as connection:
+                    released = await advance.release_step(
+                        connection, self.settings, claim.run.id, claim.path, claim.task
+                    )
+            if released:
+                return None
+        return advance.Outcome(Status.CANCELED, error=_cancel_error("the step was canceled"))
 
     async def _failure(
         self, claim: store.Claim, options: TaskOptions, exc: BaseException, *, timed_out: bool

@@ -60,6 +60,8 @@ class ImprovedQueuer:
         self.settings = settings
         self.registry = Registry()
         self.worker_id = new_worker_id()
+        #: Set by a stopping worker: steps it cancels go back to the queue instead of ending.
+        self.releasing = False
         self.shutdown = asyncio.Event()
         self._pgq: PgQueuer | None = None
         self._pool: Any = None
