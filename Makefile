@@ -1,0 +1,29 @@
+# One command for the demo and one for the tests; both set up everything on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test lint bench install
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[notebook,dev]'
+	touch $@
+
+install: $(BIN)/.installed
+
+demo: $(BIN)/.installed
+	env -u PGSKEWER_DSN -u DATABASE_URL $(BIN)/python examples/quickstart.py
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check pgskewer tests benchmarks examples
+	$(BIN)/mypy --strict pgskewer
+
+test: lint
+	$(BIN)/pytest
+
+bench: $(BIN)/.installed
+	$(BIN)/python benchmarks/bench_pipelines.py
+	$(BIN)/python benchmarks/bench_result_wakeup.py
+	$(BIN)/python benchmarks/bench_unblock.py
