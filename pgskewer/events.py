@@ -31,6 +31,8 @@ class Subscription:
         self.run_id = run_id
         self.changed = asyncio.Event()
         self.last_status: dict[str, str] = {}
+        #: Set when the hub reconnected: events may have been missed, so re-read state.
+        self.resync = False
 
     def _deliver(self, event: dict[str, Any]) -> None:
         if "status" in event:
@@ -162,6 +164,7 @@ class EventHub:
     def _wake_all(self) -> None:
         for subscribers in list(self._subscriptions.values()):
             for subscription in list(subscribers):
+                subscription.resync = True
                 subscription.changed.set()
         for callback in list(self._callbacks):
             with contextlib.suppress(Exception):

@@ -671,8 +671,12 @@ def _single_id(run_id: int | list[int]) -> int:
 
 
 def _may_be_finished(subscription: Any) -> bool:
+    # Only a terminal run event, or a reconnect that may have lost one, is worth a query.
+    if subscription.resync:
+        subscription.resync = False
+        return True
     status = subscription.last_status.get("")
-    return status is None or Status(status).is_terminal or status == "canceling"
+    return status is not None and Status(status).is_terminal
 
 
 def _encode_payload(payload: Any) -> bytes | None:
