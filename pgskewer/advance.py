@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Iterable, Mapping
+import weakref
+from collections.abc import Callable, Iterable, Mapping
 from datetime import timedelta
 from typing import Any
 
@@ -35,6 +36,28 @@ logger = logging.getLogger("pgskewer")
 INLINE_RESULT_LIMIT = 1024 * 1024
 
 _ACTIVE_SQL = "('pending', 'queued', 'running', 'retrying', 'canceling')"
+
+# Entrypoint names registered in this process, by registry; a step whose name neither
+# this process nor any live worker knows fails when it is due instead of waiting forever.
+_local_name_sources: list[weakref.WeakMethod[Callable[[], Iterable[str]]]] = []
+
+
+def add_local_names(source: Callable[[], Iterable[str]]) -> None:
+    """Count the names the bound method ``source()`` returns as served when checking steps.
+
+    Only a weak reference is kept, so a discarded queuer does not stay alive.
+    """
+    _local_name_sources[:] = [ref for ref in _local_name_sources if ref() is not None]
+    _local_name_sources.append(weakref.WeakMethod(source))
+
+
+def _local_names() -> set[str]:
+    names: set[str] = set()
+    for ref in list(_local_name_sources):
+        source = ref()
+        if source is not None:
+            names.update(source())
+    return names
 
 
 class DuplicateRunError(ValueError):
@@ -329,6 +352,20 @@ async def settle(connection: Any, settings: Settings, run: RunRow) -> Status:
         return Status(steps[path]["status"])
 
     ready = ready_tasks(run.graph, status_of)
+    unknown = await _unserved(connection, settings, ready)
+    if unknown:
+        for node in unknown:
+            message = (
+                f"no worker serves the entrypoint {node['name']!r} of step {node['path']}; "
+                "register it in a worker (or fix the pipeline definition) and retry the run"
+            )
+            outcome = Outcome(
+                Status.EXCEPTION, error={"type": "LookupError", "message": message, "traceback": ""}
+            )
+            await _store_step_outcome(connection, settings, run.id, node["path"], outcome)
+            run = await _react_to_outcome(connection, settings, run, node["path"], outcome)
+            logger.error("run %d: %s", run.id, message)
+        return await settle(connection, settings, run)
     if ready:
         await _enqueue_steps(connection, settings, run, ready)
         return run.status
@@ -336,6 +373,24 @@ async def settle(connection: Any, settings: Settings, run: RunRow) -> Status:
         await _finish_run(connection, settings, run, Status.SUCCESSFUL, steps)
         return Status.SUCCESSFUL
     return run.status
+
+
+async def _unserved(connection: Any, settings: Settings, nodes: list[Node]) -> list[Node]:
+    if not nodes:
+        return []
+    local = _local_names()
+    missing = [node for node in nodes if node["name"] not in local]
+    if not missing:
+        return []
+    rows = await connection.fetch(
+        f"SELECT DISTINCT unnest(entrypoints) AS name FROM {settings.table('workers')} "
+        "WHERE last_seen > now() - interval '30 seconds'"
+    )
+    if not rows:
+        # No live worker is registered yet: the steps wait for one.
+        return []
+    served = {row["name"] for row in rows}
+    return [node for node in missing if node["name"] not in served]
 
 
 _ACTIVE = frozenset(

@@ -75,6 +75,7 @@ class ImprovedQueuer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending_pool_from: Any = None
         self.registry.on_change(self._on_registry_change)
+        advance.add_local_names(self.registry.names)
         if driver is not None:
             self._attach_driver(driver)
 
