@@ -10,6 +10,9 @@ from pgskewer.graph import parallel, step
 from pgskewer.model import LogLine, RunState, Status, StepState, TaskResult
 from pgskewer.queuer import ImprovedQueuer, RunNotFoundError, connect
 
+# Bound after the submodule import, so ``pgskewer.unblock`` is the function, not the module.
+from pgskewer.unblock import unblock
+
 __all__ = [
     "DuplicateRunError",
     "EncodingError",
@@ -28,15 +31,6 @@ __all__ = [
     "step",
     "unblock",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    # unblock is imported on first use, so importing pgskewer stays light.
-    if name == "unblock":
-        from pgskewer.unblock import unblock
-
-        return unblock
-    raise AttributeError(f"module 'pgskewer' has no attribute {name!r}")
 
 
 def session(*args: Any, **kwargs: Any) -> Any:
