@@ -50,7 +50,7 @@ async def _stop(pgq: ImprovedQueuer, worker: Any) -> None:
         await worker
 
 
-async def test_unblock_lines_stream_before_step_ends(queuer: ImprovedQueuer, tmp_path: Path) -> None:
+async def test_unblock_lines_stream_live(queuer: ImprovedQueuer, tmp_path: Path) -> None:
     gate = tmp_path / "gate"
 
     @queuer.entrypoint("fetch")
