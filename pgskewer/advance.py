@@ -182,6 +182,31 @@ async def adopt_job(
     return True
 
 
+async def convert_to_pipeline(
+    connection: Any, settings: Settings, run_id: int, graph: Node
+) -> None:
+    """Turn a one-step run into a pipeline run with ``graph`` and enqueue its first steps.
+
+    A process that does not know a pipeline (the CLI, a web app) enqueues its name as a
+    task; the worker that knows the pipeline converts the run when it picks the job.
+    """
+    async with connection.transaction():
+        run = await _lock_run(connection, settings, run_id)
+        if run is None or run.kind != "task" or run.status.is_terminal:
+            return
+        await connection.execute(f"DELETE FROM {settings.table('steps')} WHERE run_id = $1", run_id)
+        await connection.execute(
+            f"UPDATE {settings.table('runs')} SET kind = 'pipeline', graph = $2, "
+            "status = 'running', started = COALESCE(started, now()), updated = now() "
+            "WHERE id = $1",
+            run_id,
+            json.dumps(graph),
+        )
+        await _insert_steps(connection, settings, run_id, graph, {})
+        run = dataclasses.replace(run, kind="pipeline", graph=graph, status=Status.RUNNING)
+        await settle(connection, settings, run)
+
+
 async def _insert_steps(
     connection: Any, settings: Settings, run_id: int, graph: Node, jobs: Mapping[str, int]
 ) -> None:

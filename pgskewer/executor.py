@@ -21,7 +21,7 @@ from pgqueuer.models import Context, Job
 
 from pgskewer import advance, encoding, store
 from pgskewer._context import output_sink
-from pgskewer.graph import find_node, resolve_graph
+from pgskewer.graph import Pipeline, find_node, resolve_graph
 from pgskewer.logs import capturing
 from pgskewer.model import ErrorInfo, Status
 from pgskewer.registry import TaskOptions, TaskSpec
@@ -62,6 +62,10 @@ class Runner:
         if claim is None:
             return
         spec = self.queuer.registry.task(claim.task)
+        pipeline = self.queuer.registry.pipeline(claim.task)
+        if spec is None and pipeline is not None and claim.run.kind == "task":
+            await self._start_pipeline(claim, pipeline)
+            return
         if spec is None:
             await self._fail_unknown(claim)
             return
@@ -129,6 +133,12 @@ class Runner:
         if not adopted or kind == "pipeline":
             return None
         return await store.claim_step(connection, self.settings, self.job.id, self.queuer.worker_id)
+
+    async def _start_pipeline(self, claim: store.Claim, pipeline: Pipeline) -> None:
+        registry = self.queuer.registry
+        graph = resolve_graph(claim.task, "pipeline", pipeline, registry.pipeline)
+        async with self.queuer.pool.acquire() as connection:
+            await advance.convert_to_pipeline(connection, self.settings, claim.run.id, graph)
 
     async def _mark_not_cancelable(self, claim: store.Claim) -> None:
         async with self.queuer.pool.acquire() as connection:
