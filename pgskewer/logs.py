@@ -43,6 +43,7 @@ class LogWriter:
         self._dropped: dict[tuple[int, str], int] = {}
         self._flush_task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._flush_lock: asyncio.Lock | None = None
 
     def sink_for(self, run_id: int, step: str) -> OutputSink:
         """Return the sink that stores lines of one step attempt."""
@@ -105,13 +106,34 @@ class LogWriter:
         await self.flush()
 
     async def flush(self) -> None:
-        """Insert every buffered line now."""
-        while self._pending:
-            batch, self._pending = self._pending, []
+        """Insert every buffered line now, in the order the lines arrived."""
+        if self._flush_lock is None:
+            self._flush_lock = asyncio.Lock()
+        # One flush at a time, so a later batch never gets lower ids than an earlier one.
+        async with self._flush_lock:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                await self._insert_with_retries(batch)
+
+    async def _insert_with_retries(self, batch: list[tuple[int, str, str, int, str]]) -> None:
+        # A dropped connection is replaced by the pool, so a short retry usually succeeds.
+        for attempt, delay in enumerate((0.1, 0.5, 2.0, None)):
             try:
                 await self._insert(batch)
-            except Exception:
-                logger.exception("storing %d log lines failed; they are lost", len(batch))
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if delay is None:
+                    logger.error(
+                        "storing %d log lines of run %d failed %d times (%s); they are lost",
+                        len(batch),
+                        batch[0][0],
+                        attempt + 1,
+                        exc,
+                    )
+                    return
+                await asyncio.sleep(delay)
 
     async def _insert(self, batch: list[tuple[int, str, str, int, str]]) -> None:
         table = self._settings.table("log_lines")
