@@ -11,18 +11,30 @@ from pgskewer.model import LogLine, RunState, Status, StepState, TaskResult
 from pgskewer.queuer import ImprovedQueuer, RunNotFoundError, connect
 
 # Bound after the submodule import, so ``pgskewer.unblock`` is the function, not the module.
-from pgskewer.unblock import unblock
+from pgskewer.unblock import (
+    RemoteError,
+    Unblocker,
+    UnblockError,
+    UnblockProcessDied,
+    UnblockTimeout,
+    unblock,
+)
 
 __all__ = [
     "DuplicateRunError",
     "EncodingError",
     "ImprovedQueuer",
     "LogLine",
+    "RemoteError",
     "RunNotFoundError",
     "RunState",
     "Status",
     "StepState",
     "TaskResult",
+    "UnblockError",
+    "UnblockProcessDied",
+    "UnblockTimeout",
+    "Unblocker",
     "connect",
     "load_ipython_extension",
     "parallel",

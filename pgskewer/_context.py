@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextvars
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, TextIO
 
 Stream = Literal["stdout", "stderr", "log", "system"]
 
@@ -23,3 +23,13 @@ output_sink: contextvars.ContextVar[OutputSink | None] = contextvars.ContextVar(
 echo_output: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "pgskewer_echo_output", default=True
 )
+
+
+def passthrough(stream: TextIO) -> TextIO:
+    """Return the real stream behind pgskewer's ``capture_output`` proxy, or ``stream``.
+
+    Lines that are already sent to a sink are echoed here, so the proxy does not store
+    them a second time.
+    """
+    inner = getattr(stream, "pgskewer_passthrough", None)
+    return inner if inner is not None else stream

@@ -198,6 +198,11 @@ class _SinkStream(io.TextIOBase):
             self._partial[key] = rest
         return len(text)
 
+    @property
+    def pgskewer_passthrough(self) -> TextIO:
+        """The stream this proxy writes to outside capturing steps."""
+        return self.target
+
     def flush_sink(self, sink: OutputSink) -> None:
         rest = self._partial.pop(id(sink), "")
         if rest:

@@ -171,3 +171,28 @@ def _alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def print_two_lines() -> None:
+    """Print two lines from the child process."""
+    print("first")
+    print("second")
+
+
+async def test_capture_output_with_unblock_no_duplicates(queuer: ImprovedQueuer) -> None:
+    @queuer.entrypoint("mixed", capture_output=True)
+    async def mixed(job: Any) -> None:
+        print("from the task")
+        await unblock(print_two_lines)
+
+    worker = await _worker(queuer)
+    try:
+        run_id = await queuer.enqueue("mixed")
+        result = await queuer.result(run_id, timeout=30)
+        lines = [line.text async for line in queuer.logs(run_id)]
+    finally:
+        await _stop(queuer, worker)
+
+    assert result is not None
+    assert result["ok"]
+    assert sorted(lines) == ["first", "from the task", "second"]
