@@ -248,8 +248,10 @@ async def _lock_run(connection: Any, settings: Settings, run_id: int) -> RunRow 
         f"FROM {settings.table('runs')} WHERE id = $1 FOR UPDATE",
         run_id,
     )
-    if row is None:
-        return None
+    return None if row is None else _run_row(row)
+
+
+def _run_row(row: Any) -> RunRow:
     return RunRow(
         id=row["id"],
         name=row["name"],
@@ -270,16 +272,17 @@ async def finish_step(
     happens when pgqueuer re-delivers a job that had in fact finished.
     """
     async with connection.transaction():
-        run = await _lock_run(connection, settings, run_id)
-        if run is None:
-            return False
-        status = await connection.fetchval(
-            f"SELECT status FROM {settings.table('steps')} WHERE run_id = $1 AND path = $2",
+        row = await connection.fetchrow(
+            f"SELECT r.id, r.name, r.kind, r.status, r.graph, r.input, r.failed_step, "
+            f"s.status AS step_status FROM {settings.table('runs')} AS r "
+            f"LEFT JOIN {settings.table('steps')} AS s ON s.run_id = r.id AND s.path = $2 "
+            "WHERE r.id = $1 FOR UPDATE OF r",
             run_id,
             path,
         )
-        if status is None or Status(status).is_terminal:
+        if row is None or row["step_status"] is None or Status(row["step_status"]).is_terminal:
             return False
+        run = _run_row(row)
 
         await _store_step_outcome(connection, settings, run_id, path, outcome)
         run = await _react_to_outcome(connection, settings, run, path, outcome)
@@ -291,15 +294,11 @@ async def _store_step_outcome(
     connection: Any, settings: Settings, run_id: int, path: str, outcome: Outcome
 ) -> None:
     error_text = None if outcome.error is None else json.dumps(outcome.error)
+    # One statement: a data-modifying WITH clause runs even though nothing reads it.
     await connection.execute(
-        f"UPDATE {settings.table('steps')} SET status = $3, finished = now(), updated = now(), "
-        "error = COALESCE($4::json, error) WHERE run_id = $1 AND path = $2",
-        run_id,
-        path,
-        outcome.status.value,
-        error_text,
-    )
-    await connection.execute(
+        f"WITH finished AS (UPDATE {settings.table('steps')} SET status = $3, "
+        "finished = now(), updated = now(), error = COALESCE($6::json, error) "
+        "WHERE run_id = $1 AND path = $2) "
         f"INSERT INTO {settings.table('results')} (run_id, path, status, ok, result, error) "
         "VALUES ($1, $2, $3, $4, $5::json, $6::json) ON CONFLICT (run_id, path) DO NOTHING",
         run_id,

@@ -13,7 +13,8 @@ import logging
 import math
 import traceback
 import uuid
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 from pgqueuer.executors import AbstractEntrypointExecutor
@@ -25,6 +26,7 @@ from pgskewer.graph import Pipeline, find_node, resolve_graph
 from pgskewer.logs import capturing
 from pgskewer.model import ErrorInfo, Status
 from pgskewer.registry import TaskOptions, TaskSpec
+from pgskewer.workers import connection_lost_reason, is_connection_lost
 
 if TYPE_CHECKING:
     from pgskewer.queuer import ImprovedQueuer
@@ -33,6 +35,12 @@ logger = logging.getLogger("pgskewer")
 
 #: The largest encoded result a step may return, in bytes.
 MAX_RESULT_BYTES = 64 * 1024 * 1024
+#: How long a step keeps trying to claim itself or store its outcome while the database
+#: is unreachable; after that the error propagates and the step stays running until a
+#: worker takes it over.
+DISCONNECTED_RETRY_SECONDS = 300.0
+
+T = TypeVar("T")
 
 
 @dataclasses.dataclass
@@ -82,12 +90,21 @@ class Runner:
             raise StepFailed(outcome.error)
 
     async def _claim(self) -> store.Claim | None:
+        # A repeated claim of a step this worker already claimed counts one more attempt.
+        return await _retry_while_disconnected(f"job {self.job.id}: claiming", self._claim_once)
+
+    async def _claim_once(self) -> store.Claim | None:
         pool = self.queuer.pool
         async with pool.acquire() as connection:
             claim = await store.claim_step(
                 connection, self.settings, self.job.id, self.queuer.worker_id
             )
             if claim is not None:
+                if claim.run.kind == "pipeline":
+                    # Built on the same connection, so the step costs one acquire less.
+                    claim.payload = await advance.step_payload(
+                        connection, self.settings, claim.run, claim.path
+                    )
                 return claim
 
             found = await store.step_of_job(connection, self.settings, self.job.id)
@@ -166,10 +183,12 @@ class Runner:
     ) -> advance.Outcome | None:
         job = self.job
         if claim.run.kind == "pipeline":
-            async with self.queuer.pool.acquire() as connection:
-                payload = await advance.step_payload(
-                    connection, self.settings, claim.run, claim.path
-                )
+            payload = claim.payload
+            if payload is None:
+                async with self.queuer.pool.acquire() as connection:
+                    payload = await advance.step_payload(
+                        connection, self.settings, claim.run, claim.path
+                    )
             job = job.model_copy(update={"payload": payload})
 
         sink = self.queuer.log_writer.sink_for(claim.run.id, claim.path)
@@ -247,11 +266,40 @@ class Runner:
         return advance.Outcome(Status.EXCEPTION, error=error, crashable=options.crashable)
 
     async def _store(self, claim: store.Claim, outcome: advance.Outcome) -> None:
-        with anyio.CancelScope(shield=True):
+        async def store_outcome() -> None:
             async with self.queuer.pool.acquire() as connection:
                 await advance.finish_step(
                     connection, self.settings, claim.run.id, claim.path, outcome
                 )
+
+        with anyio.CancelScope(shield=True):
+            # A lost connection rolls the transaction back, so finish_step can run again.
+            await _retry_while_disconnected(
+                f"run {claim.run.id} step {claim.path}: storing the outcome", store_outcome
+            )
+
+
+async def _retry_while_disconnected(description: str, operation: Callable[[], Awaitable[T]]) -> T:
+    """Run ``operation`` again while it fails because the database connection was lost.
+
+    Gives up after :data:`DISCONNECTED_RETRY_SECONDS` with ``TimeoutError``.
+    """
+    delay = 0.1
+    with anyio.fail_after(DISCONNECTED_RETRY_SECONDS):
+        while True:
+            try:
+                return await operation()
+            except Exception as exc:
+                if not is_connection_lost(exc):
+                    raise
+                logger.warning(
+                    "%s failed (%s); retrying in %.1fs",
+                    description,
+                    connection_lost_reason(exc),
+                    delay,
+                )
+            await anyio.sleep(delay)
+            delay = min(2 * delay, 5.0)
 
 
 class StepCanceled(Exception):

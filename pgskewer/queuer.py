@@ -607,7 +607,9 @@ def resolve_dsn(dsn: str | None, embedded: bool | None) -> tuple[str, Any]:
 async def create_pool(dsn: str, size: int = DEFAULT_POOL_SIZE) -> Any:
     """Open an asyncpg pool, turning connection failures into one clear error."""
     try:
-        return await asyncpg.create_pool(dsn, min_size=1, max_size=max(2, size))
+        return await asyncpg.create_pool(
+            dsn, min_size=1, max_size=max(2, size), reset=_keep_session
+        )
     except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
         raise ConnectionError(
             f"cannot connect to PostgreSQL at {describe_dsn(dsn)}: {type(exc).__name__}: "
@@ -655,9 +657,16 @@ def _connect_kwargs(connection: Any) -> dict[str, Any]:
     return {key: value for key, value in kwargs.items() if value is not None}
 
 
+async def _keep_session(_connection: Any) -> None:
+    # asyncpg resets session state (advisory locks, LISTEN, settings) on every release,
+    # one round trip each time. pgskewer's statements leave no session state behind and
+    # its listeners are removed before release, so its own pools skip that reset.
+    return None
+
+
 async def _pool_like(connection: Any) -> Any:
     return await asyncpg.create_pool(
-        min_size=1, max_size=DEFAULT_POOL_SIZE, **_connect_kwargs(connection)
+        reset=_keep_session, min_size=1, max_size=DEFAULT_POOL_SIZE, **_connect_kwargs(connection)
     )
 
 

@@ -13,7 +13,7 @@ from pgskewer.model import ErrorInfo, RunState, Status, StepState, TaskResult
 from pgskewer.schema import Settings
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class Claim:
     """A step that this worker may run now, with what it needs to build the payload."""
 
@@ -21,6 +21,7 @@ class Claim:
     path: str
     task: str
     attempts: int
+    payload: bytes | None = None
 
 
 async def claim_step(
