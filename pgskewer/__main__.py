@@ -1,0 +1,6 @@
+"""``python -m pgskewer``: the ``pgskewer`` command."""
+
+from pgskewer.cli import run
+
+if __name__ == "__main__":
+    run()
