@@ -123,13 +123,6 @@ class _ScrubbingFormatter(logging.Formatter):
         return scrub(super().format(record))
 
 
-def _is_not_step_failure(record: logging.LogRecord) -> bool:
-    """Drop pgqueuer's traceback of a failed step, which pgskewer has already logged."""
-    from pgskewer.executor import StepFailed
-
-    return not (record.exc_info and isinstance(record.exc_info[1], StepFailed))
-
-
 def _configure_logging(verbosity: int, worker: bool) -> None:
     levels = {-1: logging.WARNING, 0: logging.INFO}
     level = levels.get(verbosity, logging.DEBUG)
@@ -145,7 +138,6 @@ def _configure_logging(verbosity: int, worker: bool) -> None:
     logger.setLevel(level)
     pgqueuer_logger = logging.getLogger("pgqueuer")
     pgqueuer_logger.setLevel(logging.DEBUG if verbosity > 0 else logging.WARNING)
-    pgqueuer_logger.addFilter(_is_not_step_failure)
 
 
 # -- database ----------------------------------------------------------------------
@@ -550,7 +542,7 @@ def _load_target(spec: str) -> object:
 async def _prepare_worker(
     queuer: ImprovedQueuer, dsn: str | None, args: argparse.Namespace
 ) -> None:
-    if queuer._pgq is None:
+    if not queuer.is_bound:
         await bind_queuer(queuer, dsn, embedded=args.embedded)
     elif args.dsn is not None or args.embedded:
         logger.warning(

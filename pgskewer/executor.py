@@ -314,6 +314,16 @@ class StepFailed(Exception):
         self.error = error
 
 
+class _DropStepFailed(logging.Filter):
+    """Drops pgqueuer's traceback of a ``StepFailed``: pgskewer already logged the failure."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], StepFailed))
+
+
+logging.getLogger("pgqueuer").addFilter(_DropStepFailed())
+
+
 def _success(value: Any, options: TaskOptions) -> advance.Outcome:
     if not options.store_results:
         return advance.Outcome(Status.SUCCESSFUL)

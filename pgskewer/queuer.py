@@ -133,6 +133,11 @@ class ImprovedQueuer:
         return self._pool
 
     @property
+    def is_bound(self) -> bool:
+        """Whether this queuer has a database connection (a driver, pool or DSN)."""
+        return self._pgq is not None
+
+    @property
     def pgq(self) -> PgQueuer:
         """The underlying pgqueuer ``PgQueuer``."""
         if self._pgq is None:
@@ -384,11 +389,19 @@ class ImprovedQueuer:
         return None
 
     async def run_status(self, run_id: int | list[int]) -> RunState:
-        """Return the run with every step's status, attempts, timings and error."""
+        """Return the run with every step's status, attempts, timings and error.
+
+        ``run_id`` may also be the pgqueuer job id of one of its steps.
+        """
         run_id = _single_id(run_id)
         pool = await self._ready()
         async with pool.acquire() as connection:
             state = await store.fetch_run_state(connection, self.settings, run_id)
+            if state is None:
+                # The id may be the job of one step: show that step's run.
+                found = await store.step_of_job(connection, self.settings, run_id)
+                if found is not None:
+                    state = await store.fetch_run_state(connection, self.settings, found[0])
         if state is None:
             raise RunNotFoundError(run_id)
         return state
