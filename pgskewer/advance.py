@@ -354,6 +354,18 @@ async def request_cancel(connection: Any, settings: Settings, run_id: int) -> St
         return await settle(connection, settings, run)
 
 
+async def settle_canceling(connection: Any, settings: Settings, run_id: int) -> None:
+    """Wind down a run that is ``canceling``; do nothing to a run in any other state.
+
+    Workers call this when they hear a run turn ``canceling``. The event may arrive late,
+    after the run finished and was retried, so it must never cancel a run by itself.
+    """
+    async with connection.transaction():
+        run = await _lock_run(connection, settings, run_id)
+        if run is not None and run.status is Status.CANCELING:
+            await settle(connection, settings, run)
+
+
 async def settle(connection: Any, settings: Settings, run: RunRow) -> Status:
     """Enqueue the steps that may start, wind down a canceling run, or finish the run.
 

@@ -541,7 +541,7 @@ class ImprovedQueuer:
     async def _settle_canceling(self, run_id: int) -> None:
         try:
             async with self.pool.acquire() as connection:
-                await advance.request_cancel(connection, self.settings, run_id)
+                await advance.settle_canceling(connection, self.settings, run_id)
         except Exception:
             logger.exception("winding down canceled run %d failed", run_id)
 

@@ -196,6 +196,14 @@ def _wants_context(function: Any) -> bool:
         parameters = list(inspect.signature(function).parameters.values())
     except (TypeError, ValueError):
         return False
-    if len(parameters) >= 2:
+    if any(parameter.annotation in (Context, "Context") for parameter in parameters):
         return True
-    return any(parameter.annotation in (Context, "Context") for parameter in parameters)
+    # A second parameter without a default receives the context; one with a default
+    # (``async def task(job, name=name)`` built in a loop) keeps its default.
+    positional = [
+        parameter
+        for parameter in parameters
+        if parameter.kind in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD)
+        and parameter.default is parameter.empty
+    ]
+    return len(positional) >= 2

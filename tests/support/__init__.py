@@ -1,0 +1,1 @@
+"""Helpers shared by the pipeline, result, schema and crash tests."""
