@@ -81,8 +81,13 @@ class ChildProcess:
         try:
             process = await anyio.open_process(
                 [
-                    sys.executable, "-u", "-c", child_module.BOOTSTRAP,
-                    _CHILD_PATH, str(child_socket.fileno()), str(os.getpid()),
+                    sys.executable,
+                    "-u",
+                    "-c",
+                    child_module.BOOTSTRAP,
+                    _CHILD_PATH,
+                    str(child_socket.fileno()),
+                    str(os.getpid()),
                 ],
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
@@ -137,8 +142,13 @@ class ChildProcess:
                 (size,) = child_module.FRAME_HEADER.unpack(header)
                 message = pickle.loads(await reader.receive_exactly(size))
                 await self._messages_in.send(message)
-        except (anyio.EndOfStream, anyio.IncompleteRead, anyio.ClosedResourceError,
-                anyio.BrokenResourceError, ConnectionError):
+        except (
+            anyio.EndOfStream,
+            anyio.IncompleteRead,
+            anyio.ClosedResourceError,
+            anyio.BrokenResourceError,
+            ConnectionError,
+        ):
             pass
 
     async def _watch_exit(self) -> None:
@@ -174,7 +184,8 @@ class ChildProcess:
         if scope.cancelled_caught:
             logger.warning(
                 "unblock child %d: the end of the call's output did not arrive within %g s",
-                self.pid, MARKER_TIMEOUT,
+                self.pid,
+                MARKER_TIMEOUT,
             )
             return (*message[:2], "its output did not end", *message[3:])
         return message
