@@ -42,6 +42,7 @@ __all__ = [
     "session",
     "step",
     "unblock",
+    "unload_ipython_extension",
 ]
 
 
@@ -57,3 +58,10 @@ def load_ipython_extension(ipython: Any) -> None:
     from pgskewer.notebook.magics import load_ipython_extension as load
 
     load(ipython)
+
+
+def unload_ipython_extension(ipython: Any) -> None:
+    """Remove the ``%pgskewer`` magic: ``%unload_ext pgskewer``."""
+    from pgskewer.notebook.magics import unload_ipython_extension as unload
+
+    unload(ipython)

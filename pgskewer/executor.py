@@ -202,6 +202,11 @@ class Runner:
             outcome = await self._failure(claim, options, exc, timed_out=True)
         except Exception as exc:
             outcome = await self._failure(claim, options, exc, timed_out=False)
+        except BaseException:
+            # The worker itself is being stopped (its task was cancelled): hand the step
+            # to another worker instead of leaving it running with nobody to finish it.
+            await self._interrupted(claim)
+            raise
         else:
             outcome = _success(value, options)
         finally:
@@ -220,6 +225,30 @@ class Runner:
                     return await spec.function(*arguments)
         # Reached only when the scope swallowed its own cancellation.
         raise StepCanceled()
+
+    async def _interrupted(self, claim: store.Claim) -> None:
+        with anyio.CancelScope(shield=True):
+            try:
+                async with self.queuer.pool.acquire() as connection:
+                    released = await advance.release_step(
+                        connection, self.settings, claim.run.id, claim.path, claim.task
+                    )
+                    if not released:
+                        await advance.finish_step(
+                            connection,
+                            self.settings,
+                            claim.run.id,
+                            claim.path,
+                            advance.Outcome(
+                                Status.CANCELED, error=_cancel_error("the worker stopped")
+                            ),
+                        )
+            except Exception:
+                logger.exception(
+                    "run %d step %s: releasing the step of a stopping worker failed",
+                    claim.run.id,
+                    claim.path,
+                )
 
     async def _canceled(self, claim: store.Claim) -> advance.Outcome | None:
         # A worker that stops after its grace period cancels its running steps; they go

@@ -198,6 +198,13 @@ class _SinkStream(io.TextIOBase):
             self._partial[key] = rest
         return len(text)
 
+    def __getattr__(self, name: str) -> Any:
+        # Everything else is the real stream's: ipykernel's set_parent, buffer, and so on.
+        return getattr(self.target, name)
+
+    def fileno(self) -> int:
+        return self.target.fileno()
+
     @property
     def pgskewer_passthrough(self) -> TextIO:
         """The stream this proxy writes to outside capturing steps."""
