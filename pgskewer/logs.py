@@ -177,6 +177,26 @@ async def read_lines(
     )
 
 
+async def tail_start(
+    connection: Any, settings: Settings, run_id: int, step: str | None, tail: int
+) -> int:
+    """Return the id after which the last ``tail`` lines of a run (or step) begin."""
+    if tail <= 0:
+        value = await connection.fetchval(
+            f"SELECT max(id) FROM {settings.table('log_lines')} WHERE run_id = $1", run_id
+        )
+        return int(value or 0)
+    value = await connection.fetchval(
+        f"SELECT id FROM {settings.table('log_lines')} WHERE run_id = $1 "
+        "AND ($2::text IS NULL OR step = $2 OR step LIKE $2 || '.%') "
+        "ORDER BY id DESC OFFSET $3 LIMIT 1",
+        run_id,
+        step,
+        tail,
+    )
+    return int(value or 0)
+
+
 class _SinkStream(io.TextIOBase):
     """A text stream that sends whole lines to the running step's sink, else to ``target``."""
 

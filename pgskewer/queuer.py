@@ -17,14 +17,14 @@ from pgqueuer.types import QueueExecutionMode
 
 from pgskewer import advance, encoding, schema, store
 from pgskewer.dsn import describe_dsn, discover_dsn, normalize_dsn
-from pgskewer.events import EventHub
+from pgskewer.events import EventHub, read_through_outage
 from pgskewer.executor import StepExecutor, new_worker_id
 from pgskewer.graph import Pipeline, resolve_graph
-from pgskewer.logs import LogWriter, read_lines
+from pgskewer.logs import LogWriter, read_lines, tail_start
 from pgskewer.model import LogLine, RunState, Status, TaskResult
 from pgskewer.registry import Registry, TaskFunction, TaskOptions
 from pgskewer.schema import DEFAULT_SETTINGS, Settings
-from pgskewer.workers import WorkerPresence, served_entrypoints
+from pgskewer.workers import WorkerPresence, list_workers, served_entrypoints
 
 logger = logging.getLogger("pgskewer")
 
@@ -351,9 +351,13 @@ class ImprovedQueuer:
         run_id = _single_id(run_id)
         pool = await self._ready()
         hub = await self._events()
-        with hub.subscribe(run_id) as subscription:
+
+        async def read() -> TaskResult | None:
             async with pool.acquire() as connection:
-                found = await self._result_now(connection, run_id)
+                return await self._result_now(connection, run_id)
+
+        with hub.subscribe(run_id) as subscription:
+            found = await read_through_outage(read)
             if found is not None:
                 return found
             with anyio.move_on_after(timeout):
@@ -361,8 +365,7 @@ class ImprovedQueuer:
                     await subscription.wait()
                     if not _may_be_finished(subscription):
                         continue
-                    async with pool.acquire() as connection:
-                        found = await self._result_now(connection, run_id)
+                    found = await read_through_outage(read)
                     if found is not None:
                         return found
         return None
@@ -465,28 +468,37 @@ class ImprovedQueuer:
         return found["result"]
 
     async def logs(
-        self, run_id: int | list[int], step: str | None = None, follow: bool = False
+        self,
+        run_id: int | list[int],
+        step: str | None = None,
+        follow: bool = False,
+        tail: int | None = None,
     ) -> AsyncIterator[LogLine]:
         """Yield the stored output lines of a run (or of one step and its sub-steps).
 
-        With ``follow=True`` it keeps yielding new lines as they are stored and ends once
-        the run has finished and every line was read.
+        ``tail`` starts at the last ``tail`` stored lines instead of the first. With
+        ``follow=True`` it keeps yielding new lines as they are stored and ends once the
+        run has finished and every line was read.
         """
         run_id = _single_id(run_id)
         pool = await self._ready()
         last_id = 0
+        if tail is not None:
+            async with pool.acquire() as connection:
+                last_id = await tail_start(connection, self.settings, run_id, step, tail)
         hub = await self._events() if follow else None
+
+        async def read() -> tuple[bool, list[Any]]:
+            async with pool.acquire() as connection:
+                if last_id == 0 and not await store.run_exists(connection, self.settings, run_id):
+                    raise RunNotFoundError(run_id)
+                finished = (await store.fetch_result(connection, self.settings, run_id)) is not None
+                rows = await read_lines(connection, self.settings, run_id, step, last_id)
+            return finished, rows
+
         with hub.subscribe(run_id) if hub is not None else contextlib.nullcontext() as subscription:
             while True:
-                async with pool.acquire() as connection:
-                    if last_id == 0 and not await store.run_exists(
-                        connection, self.settings, run_id
-                    ):
-                        raise RunNotFoundError(run_id)
-                    finished = (
-                        await store.fetch_result(connection, self.settings, run_id)
-                    ) is not None
-                    rows = await read_lines(connection, self.settings, run_id, step, last_id)
+                finished, rows = await read_through_outage(read)
                 for row in rows:
                     last_id = row["id"]
                     yield LogLine(
@@ -504,13 +516,19 @@ class ImprovedQueuer:
                     return
                 await subscription.wait()
 
+    async def workers(self) -> list[dict[str, Any]]:
+        """Return the registered workers: id, host, pid, entrypoints, started, last seen, alive."""
+        pool = await self._ready()
+        async with pool.acquire() as connection:
+            return await list_workers(connection, self.settings)
+
     async def watch(self, run_id: int | list[int]) -> AsyncIterator[RunState]:
         """Yield the run's state now and after every change, ending once it is finished."""
         run_id = _single_id(run_id)
         hub = await self._events()
         with hub.subscribe(run_id) as subscription:
             while True:
-                state = await self.run_status(run_id)
+                state = await read_through_outage(lambda: self.run_status(run_id))
                 yield state
                 if state.is_finished:
                     return

@@ -196,3 +196,26 @@ async def test_capture_output_with_unblock_no_duplicates(queuer: ImprovedQueuer)
     assert result is not None
     assert result["ok"]
     assert sorted(lines) == ["first", "from the task", "second"]
+
+
+async def test_logs_tail_returns_last_lines(queuer: ImprovedQueuer, tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    gate.touch()
+
+    @queuer.entrypoint("fetch")
+    async def fetch(job: Any) -> int:
+        return await unblock(chatty, 5, str(gate))
+
+    worker = await _worker(queuer)
+    try:
+        run_id = await queuer.enqueue("fetch")
+        await queuer.result(run_id, timeout=30)
+        last_two = [line.text async for line in queuer.logs(run_id, tail=2)]
+        everything = [line.text async for line in queuer.logs(run_id, tail=100)]
+        workers = await queuer.workers()
+    finally:
+        await _stop(queuer, worker)
+
+    assert last_two == ["line 4", "after gate"]
+    assert len(everything) == 6
+    assert [row["alive"] for row in workers] == [True]

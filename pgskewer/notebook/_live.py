@@ -128,7 +128,7 @@ class LivePump:
 
     async def _follow_logs(self, feed: _Feed) -> None:
         try:
-            async for line in self._pgq.logs(feed.state.id, follow=True):
+            async for line in self._pgq.logs(feed.state.id, follow=True, tail=LOG_RING_SIZE):
                 feed.lines.append(line)
                 feed.version += 1
         except asyncio.CancelledError:

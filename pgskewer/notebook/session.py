@@ -333,7 +333,7 @@ class Session:
 
         try:
             state = self.status(run_id)
-            lines = self.logs(run_id)[-LOG_RING_SIZE:]
+            lines = self.run_async(_collect(self._pgq.logs(run_id, tail=LOG_RING_SIZE)))
             for view in views:
                 view.finish(state, lines)
         except Exception:
@@ -506,7 +506,7 @@ class Session:
 
     def workers(self) -> list[WorkerInfo]:
         """List the live workers registered in the database."""
-        rows = self.run_async(_list_workers(self._pgq))
+        rows = self.run_async(self._pgq.workers())
         return [_worker_info(row) for row in rows if row.get("alive", True)]
 
 
@@ -523,13 +523,6 @@ async def _open_queuer(dsn: str | None, embedded: bool | None) -> ImprovedQueuer
         await pgq.close()
         raise
     return pgq
-
-
-async def _list_workers(pgq: ImprovedQueuer) -> list[dict[str, Any]]:
-    from pgskewer.workers import list_workers
-
-    async with pgq.pool.acquire() as connection:
-        return await list_workers(connection, pgq.settings)
 
 
 async def _collect(lines: AsyncIterator[LogLine]) -> list[LogLine]:
