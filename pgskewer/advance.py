@@ -96,6 +96,8 @@ class RunRow:
     graph: Node
     input: bytes | None
     failed_step: str | None
+    priority: int = 0
+    dedupe_key: str | None = None
 
 
 async def start_run(
@@ -244,7 +246,7 @@ async def _enqueue(
 
 async def _lock_run(connection: Any, settings: Settings, run_id: int) -> RunRow | None:
     row = await connection.fetchrow(
-        f"SELECT id, name, kind, status, graph, input, failed_step "
+        f"SELECT id, name, kind, status, graph, input, failed_step, priority, dedupe_key "
         f"FROM {settings.table('runs')} WHERE id = $1 FOR UPDATE",
         run_id,
     )
@@ -260,6 +262,8 @@ def _run_row(row: Any) -> RunRow:
         graph=json.loads(row["graph"]),
         input=row["input"],
         failed_step=row["failed_step"],
+        priority=row["priority"],
+        dedupe_key=row["dedupe_key"],
     )
 
 
@@ -273,8 +277,8 @@ async def finish_step(
     """
     async with connection.transaction():
         row = await connection.fetchrow(
-            f"SELECT r.id, r.name, r.kind, r.status, r.graph, r.input, r.failed_step, "
-            f"s.status AS step_status FROM {settings.table('runs')} AS r "
+            "SELECT r.id, r.name, r.kind, r.status, r.graph, r.input, r.failed_step, "
+            f"r.priority, r.dedupe_key, s.status AS step_status FROM {settings.table('runs')} AS r "
             f"LEFT JOIN {settings.table('steps')} AS s ON s.run_id = r.id AND s.path = $2 "
             "WHERE r.id = $1 FOR UPDATE OF r",
             run_id,
@@ -473,7 +477,7 @@ async def _enqueue_steps(
 ) -> None:
     # A task run's job carries the run input as its payload; pipeline steps build theirs.
     payload = run.input if run.kind == "task" else None
-    job_ids = await _enqueue(connection, nodes, [payload] * len(nodes), 0, None)
+    job_ids = await _enqueue(connection, nodes, [payload] * len(nodes), run.priority, None)
     await connection.execute(
         f"UPDATE {settings.table('steps')} AS s SET status = 'queued', job_id = j.job_id, "
         "queued = now(), updated = now() "
@@ -506,7 +510,7 @@ async def schedule_retry(
         # A task run's job carries the run input as its payload, like its first attempt.
         payload = run.input if run.kind == "task" else None
         [job_id] = await _enqueue(
-            connection, [{"name": task}], [payload], 0, timedelta(seconds=delay)
+            connection, [{"name": task}], [payload], run.priority, timedelta(seconds=delay)
         )
         await connection.execute(
             f"UPDATE {settings.table('steps')} SET status = 'retrying', job_id = $3, "
@@ -597,10 +601,15 @@ def initial_json(payload: bytes | None) -> str:
         return "null"
     try:
         text = payload.decode("utf-8")
-        json.loads(text)
+        json.loads(text, parse_constant=_reject_constant)
     except (UnicodeDecodeError, ValueError):
         return encoding.encode_text(payload)
     return text
+
+
+def _reject_constant(name: str) -> Any:
+    # NaN and Infinity parse in Python but are not JSON, and PostgreSQL rejects them.
+    raise ValueError(f"{name} is not valid JSON")
 
 
 def tasks_json(run: RunRow, nodes: Iterable[Node], results: Mapping[str, Any]) -> str:
@@ -753,21 +762,12 @@ async def resume_run(connection: Any, settings: Settings, run_id: int) -> bool:
             )
         except Exception as exc:
             if _is_unique_violation(exc):
-                raise DuplicateRunError(
-                    str(await _dedupe_key(connection, settings, run_id)), None
-                ) from None
+                raise DuplicateRunError(str(run.dedupe_key), None) from None
             raise
         run = dataclasses.replace(run, status=Status.RUNNING, failed_step=None)
         await settle(connection, settings, run)
     logger.info("run %d retried from steps %s", run_id, ", ".join(paths) or "none")
     return True
-
-
-async def _dedupe_key(connection: Any, settings: Settings, run_id: int) -> str | None:
-    key = await connection.fetchval(
-        f"SELECT dedupe_key FROM {settings.table('runs')} WHERE id = $1", run_id
-    )
-    return None if key is None else str(key)
 
 
 async def release_step(
@@ -784,7 +784,7 @@ async def release_step(
         if run is None or run.status in (Status.CANCELING, *TERMINAL):
             return False
         payload = run.input if run.kind == "task" else None
-        [job_id] = await _enqueue(connection, [{"name": task}], [payload], 0, None)
+        [job_id] = await _enqueue(connection, [{"name": task}], [payload], run.priority, None)
         await connection.execute(
             f"UPDATE {settings.table('steps')} SET status = 'queued', job_id = $3, "
             "worker_id = NULL, queued = now(), updated = now() WHERE run_id = $1 AND path = $2",

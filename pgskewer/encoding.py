@@ -474,7 +474,7 @@ class _Encoder:
     def _convert_set(self, tag: str, value: set[Any] | frozenset[Any]) -> dict[str, Any]:
         try:
             items: list[Any] = sorted(value)
-        except TypeError:  # items of mixed or unorderable types
+        except (TypeError, ArithmeticError):  # unorderable items, or Decimal NaN comparisons
             items = list(value)
 
         converted: list[Any] = []

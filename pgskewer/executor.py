@@ -8,6 +8,7 @@ window leaves a finished job to be picked again). Every claim counts an attempt.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import math
@@ -78,7 +79,14 @@ class Runner:
             await self._fail_unknown(claim)
             return
         node = find_node(claim.run.graph, claim.path)
-        options = spec.options.merged(node.get("options"))
+        try:
+            options = spec.options.merged(node.get("options"))
+        except (TypeError, ValueError) as exc:
+            message = f"invalid options for step {claim.path} ({claim.task}): {exc}"
+            logger.error("run %d: %s", claim.run.id, message)
+            error: ErrorInfo = {"type": type(exc).__name__, "message": message, "traceback": ""}
+            await self._store(claim, advance.Outcome(Status.EXCEPTION, error=error))
+            return
         if not options.cancelable:
             await self._mark_not_cancelable(claim)
         outcome = await self._attempt(claim, spec, options)
@@ -202,11 +210,16 @@ class Runner:
             outcome = await self._failure(claim, options, exc, timed_out=True)
         except Exception as exc:
             outcome = await self._failure(claim, options, exc, timed_out=False)
-        except BaseException:
-            # The worker itself is being stopped (its task was cancelled): hand the step
-            # to another worker instead of leaving it running with nobody to finish it.
-            await self._interrupted(claim)
-            raise
+        except BaseException as exc:
+            if not self._worker_stopping(exc):
+                # A CancelledError that the task raised itself, e.g. from awaiting a task
+                # that was cancelled: an ordinary failure of this step.
+                outcome = await self._failure(claim, options, exc, timed_out=False)
+            else:
+                # The worker itself is being stopped: hand the step to another worker
+                # instead of leaving it running with nobody to finish it.
+                await self._interrupted(claim)
+                raise
         else:
             outcome = _success(value, options)
         finally:
@@ -225,6 +238,12 @@ class Runner:
                     return await spec.function(*arguments)
         # Reached only when the scope swallowed its own cancellation.
         raise StepCanceled()
+
+    def _worker_stopping(self, exc: BaseException) -> bool:
+        if not isinstance(exc, asyncio.CancelledError):
+            return True  # KeyboardInterrupt, SystemExit
+        task = asyncio.current_task()
+        return (task is not None and task.cancelling() > 0) or self.queuer.shutdown.is_set()
 
     async def _interrupted(self, claim: store.Claim) -> None:
         with anyio.CancelScope(shield=True):
@@ -361,7 +380,11 @@ def _success(value: Any, options: TaskOptions) -> advance.Outcome:
     except encoding.EncodingError as exc:
         error: ErrorInfo = {"type": "TypeError", "message": str(exc), "traceback": ""}
         return advance.Outcome(Status.EXCEPTION, error=error, crashable=options.crashable)
-    if len(text) > MAX_RESULT_BYTES:
+    except Exception as exc:
+        message = f"encoding the result failed: {_message(exc)}"
+        error = {"type": type(exc).__name__, "message": message, "traceback": _format(exc)}
+        return advance.Outcome(Status.EXCEPTION, error=error, crashable=options.crashable)
+    if len(text) > MAX_RESULT_BYTES // 4 and len(text.encode("utf-8")) > MAX_RESULT_BYTES:
         message = (
             f"the result is {len(text)} bytes of JSON, above the limit of {MAX_RESULT_BYTES}; "
             "store large data elsewhere (a table, a file) and return a reference to it"
@@ -378,11 +401,21 @@ def _error_info(
         seconds = options.timeout if options.timeout is not None else math.nan
         message = f"step {claim.path} ({claim.task}) timed out after {seconds:g}s"
         return {"type": "TimeoutError", "message": message, "traceback": _format(exc)}
-    return {"type": type(exc).__name__, "message": str(exc), "traceback": _format(exc)}
+    return {"type": type(exc).__name__, "message": _message(exc), "traceback": _format(exc)}
+
+
+def _message(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except Exception:
+        return f"<unprintable {type(exc).__name__}>"
 
 
 def _format(exc: BaseException) -> str:
-    return "".join(traceback.format_exception(exc))
+    try:
+        return "".join(traceback.format_exception(exc))
+    except Exception:
+        return f"<traceback of {type(exc).__name__} could not be formatted>"
 
 
 def _cancel_error(message: str) -> ErrorInfo:

@@ -38,6 +38,15 @@ class Step:
                 f"unknown step option(s) {sorted(unknown)} for step {self.name!r}; "
                 f"allowed: {sorted(STEP_OPTIONS)}"
             )
+        if self.options:
+            # Checked now, with the same rules as entrypoint options, so a bad value
+            # fails the definition instead of a run.
+            from pgskewer.registry import TaskOptions
+
+            try:
+                TaskOptions(**self.options)
+            except ValueError as exc:
+                raise ValueError(f"step {self.name!r}: {exc}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +149,11 @@ def _node(
     nested = lookup(definition.name)
     if nested is None:
         return _task_node(path, definition)
+    if definition.options:
+        raise ValueError(
+            f"step {definition.name!r} is a pipeline, and options apply to tasks only; "
+            "set them on the steps inside it"
+        )
     if definition.name in stack:
         cycle = " -> ".join((*stack, definition.name))
         raise ValueError(f"pipeline {stack[0]!r} contains itself: {cycle}")

@@ -346,9 +346,10 @@ class ImprovedQueuer:
 
         Failures are returned (``ok=False``), not raised. Raises :class:`RunNotFoundError`
         for an id that was never enqueued. While waiting it issues no queries: it wakes on
-        the run's NOTIFY events and reads the result once it is written.
+        the run's NOTIFY events and reads the result once it is written. ``run_id`` may
+        also be the pgqueuer job id of one of the run's steps.
         """
-        run_id = _single_id(run_id)
+        run_id = await self._run_id_of(_single_id(run_id))
         pool = await self._ready()
         hub = await self._events()
 
@@ -369,6 +370,15 @@ class ImprovedQueuer:
                     if found is not None:
                         return found
         return None
+
+    async def _run_id_of(self, job_id: int) -> int:
+        """Return the run of a run id or of a step's job id (an unknown id is returned as is)."""
+        pool = await self._ready()
+        async with pool.acquire() as connection:
+            if await store.run_exists(connection, self.settings, job_id):
+                return job_id
+            found = await store.step_of_job(connection, self.settings, job_id)
+        return job_id if found is None else found[0]
 
     async def _result_now(self, connection: Any, run_id: int) -> TaskResult | None:
         found = await store.fetch_result(connection, self.settings, run_id)
@@ -450,7 +460,7 @@ class ImprovedQueuer:
         Only its failed, canceled and skipped steps run again, with the current task
         definitions; the stored results of successful steps are reused.
         """
-        run_id = _single_id(run_id)
+        run_id = await self._run_id_of(_single_id(run_id))
         pool = await self._ready()
         async with pool.acquire() as connection:
             if not await advance.resume_run(connection, self.settings, run_id):
