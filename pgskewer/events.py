@@ -14,9 +14,16 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
+
+from pgskewer.workers import connection_lost_reason, is_connection_lost
 
 logger = logging.getLogger("pgskewer")
+
+T = TypeVar("T")
+
+#: How long a read of a waiter keeps retrying while the database is unreachable.
+READ_RETRY_SECONDS = 120.0
 
 ConnectionFactory = Callable[[], Awaitable[Any]]
 EventCallback = Callable[[dict[str, Any]], None]
@@ -126,8 +133,13 @@ class EventHub:
     async def _listen(self) -> None:
         connection = await self._connect()
         self._connection = connection
+        self._lost.clear()
         connection.add_termination_listener(self._on_terminated)
-        await connection.add_listener(self.channel, self._on_notify)
+        try:
+            await connection.add_listener(self.channel, self._on_notify)
+        except BaseException:
+            await self._drop_connection()
+            raise
         was_ready = self._ready.is_set()
         self._ready.set()
         if was_ready:
@@ -176,3 +188,25 @@ async def until_changed(subscription: Subscription) -> AsyncIterator[None]:
     while True:
         yield
         await subscription.wait()
+
+
+async def read_through_outage(read: Callable[[], Awaitable[T]]) -> T:
+    """Return ``read()``, running it again while it fails because the connection was lost.
+
+    Waiters use it so that a PostgreSQL restart or a terminated connection delays them
+    instead of failing them. Gives up after :data:`READ_RETRY_SECONDS` by raising the
+    last connection error.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + READ_RETRY_SECONDS
+    attempt = 0
+    while True:
+        try:
+            return await read()
+        except Exception as exc:
+            if not is_connection_lost(exc) or loop.time() > deadline:
+                raise
+            delay = _RECONNECT_DELAYS[min(attempt, len(_RECONNECT_DELAYS) - 1)]
+            attempt += 1
+            logger.info("read failed (%s); retrying in %.1fs", connection_lost_reason(exc), delay)
+        await asyncio.sleep(delay)
