@@ -286,6 +286,7 @@ class Runner:
         self, claim: store.Claim, options: TaskOptions, exc: BaseException, *, timed_out: bool
     ) -> advance.Outcome | None:
         error = _error_info(exc, claim, options, timed_out)
+        _log_to_step(error, claim.attempts)
         if claim.attempts <= options.retries:
             delay = options.retry_backoff * 2 ** (claim.attempts - 1)
             async with self.queuer.pool.acquire() as connection:
@@ -293,7 +294,7 @@ class Runner:
                     connection, self.settings, claim.run.id, claim.path, claim.task, delay, error
                 )
             if retried:
-                logger.info(
+                logger.warning(
                     "run %d step %s (%s) failed on attempt %d (%s); retrying in %.1fs",
                     claim.run.id,
                     claim.path,
@@ -303,13 +304,16 @@ class Runner:
                     delay,
                 )
                 return None
-        logger.info(
-            "run %d step %s (%s) failed: %s: %s",
+        # A crashable step's failure does not fail its run, so it is only a warning.
+        logger.log(
+            logging.WARNING if options.crashable else logging.ERROR,
+            "run %d step %s (%s) failed: %s: %s\n%s",
             claim.run.id,
             claim.path,
             claim.task,
             error["type"],
             error["message"],
+            error["traceback"].rstrip(),
         )
         return advance.Outcome(Status.EXCEPTION, error=error, crashable=options.crashable)
 
@@ -402,6 +406,16 @@ def _error_info(
         message = f"step {claim.path} ({claim.task}) timed out after {seconds:g}s"
         return {"type": "TimeoutError", "message": message, "traceback": _format(exc)}
     return {"type": type(exc).__name__, "message": _message(exc), "traceback": _format(exc)}
+
+
+def _log_to_step(error: ErrorInfo, attempt: int) -> None:
+    """Add a failed attempt's error and traceback to the step's stored output."""
+    sink = output_sink.get()
+    if sink is None:
+        return
+    sink("system", f"[pgskewer] attempt {attempt} failed: {error['type']}: {error['message']}")
+    for line in error["traceback"].rstrip().splitlines():
+        sink("system", line)
 
 
 def _message(exc: BaseException) -> str:

@@ -532,7 +532,10 @@ def run_rich(
     if run.failed_step:
         title.append(f" · failed step {run.failed_step}")
 
-    table = Table(title=title, title_justify="left", box=None, pad_edge=False, show_edge=False)
+    # The title is its own line: as a table title, rich wraps it to the table's width.
+    title.no_wrap = True
+    title.overflow = "ellipsis"
+    table = Table(box=None, pad_edge=False, show_edge=False)
     for name in ("step", "name", "status", "attempts", "duration"):
         table.add_column(
             name, no_wrap=name != "name", justify="right" if name == "attempts" else "left"
@@ -555,7 +558,7 @@ def run_rich(
 
     tail_lines = _log_tail(lines, tail)
     if not tail_lines:
-        return table
+        return Group(title, table)
     log = Text()
     for line in tail_lines:
         tag = _STREAM_TAGS.get(line.stream, line.stream)
@@ -563,7 +566,7 @@ def run_rich(
         color = _STREAM_COLORS.get(line.stream, "inherit")
         log.append(line.text + "\n", style="" if color == "inherit" else color)
     log.rstrip()
-    return Group(table, Text(""), log)
+    return Group(title, table, Text(""), log)
 
 
 def runs_rich(runs: Sequence[RunState], *, now: datetime | None = None) -> RenderableType:

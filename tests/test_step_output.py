@@ -219,3 +219,23 @@ async def test_logs_tail_returns_last_lines(queuer: ImprovedQueuer, tmp_path: Pa
     assert last_two == ["line 4", "after gate"]
     assert len(everything) == 6
     assert [row["alive"] for row in workers] == [True]
+
+
+async def test_failed_step_traceback_in_logs(queuer: ImprovedQueuer) -> None:
+    @queuer.entrypoint("broken")
+    async def broken(job: Any) -> None:
+        raise ValueError("bad input 42")
+
+    worker = await _worker(queuer)
+    try:
+        run_id = await queuer.enqueue("broken")
+        result = await queuer.result(run_id, timeout=30)
+        lines = [line async for line in queuer.logs(run_id)]
+    finally:
+        await _stop(queuer, worker)
+
+    assert result is not None
+    assert not result["ok"]
+    assert lines[0].stream == "system"
+    assert lines[0].text == "[pgskewer] attempt 1 failed: ValueError: bad input 42"
+    assert any("raise ValueError" in line.text for line in lines)
