@@ -80,7 +80,8 @@ def load_target(spec: str) -> object:
     if not isinstance(value, ImprovedQueuer) and not callable(value):
         raise TargetError(
             f"{spec} is a {type(value).__name__}, not an ImprovedQueuer or a function "
-            "that returns one"
+            "that returns one; define it at module level as 'pgq = ImprovedQueuer()' "
+            "and register tasks with @pgq.entrypoint (the worker connects it)"
         )
     return value
 
@@ -131,8 +132,9 @@ class GracefulStop:
         """Stop claiming jobs and cancel running steps after the grace period."""
         self.requested = True
         running = len(self.queuer.qm.job_context)
-        logger.warning(
-            "%s: stopping; %d running steps get %g s to finish (a second signal exits now)",
+        logger.info(
+            "%s: stopping; running steps: %d, each gets %g s to finish (a second signal "
+            "exits now)",
             reason,
             running,
             self.grace,

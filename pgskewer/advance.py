@@ -766,7 +766,8 @@ async def resume_run(connection: Any, settings: Settings, run_id: int) -> bool:
             raise
         run = dataclasses.replace(run, status=Status.RUNNING, failed_step=None)
         await settle(connection, settings, run)
-    logger.info("run %d retried from steps %s", run_id, ", ".join(paths) or "none")
+    ordered = sorted(paths, key=lambda path: [int(part) for part in path.split(".")])
+    logger.info("run %d retried from steps %s", run_id, ", ".join(ordered) or "none")
     return True
 
 

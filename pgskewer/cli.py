@@ -302,9 +302,11 @@ async def cmd_enqueue(args: argparse.Namespace) -> int:
             )
         except DuplicateRunError as exc:
             raise CliError(str(exc), ExitCode.REJECTED) from None
-        print(run_id, flush=True)
         if not args.wait:
+            print(run_id, flush=True)
             return ExitCode.OK
+        # With --wait, stdout is one JSON document: the result. The id goes to stderr.
+        print(f"run {run_id}", file=sys.stderr, flush=True)
         return await _wait_and_print(queuer, run_id, args.timeout, args.indent)
 
 
@@ -500,8 +502,8 @@ async def cmd_worker(args: argparse.Namespace) -> int:
     dsn = None if args.embedded else find_dsn(args.dsn)
     if dsn is None and not args.embedded:
         raise CliError(
-            "the worker needs a database: pass --dsn, set PGSKEWER_DSN or DATABASE_URL, "
-            "or pass --embedded to use the embedded server",
+            "the worker needs a database: pass --dsn, set PGSKEWER_DSN, DATABASE_URL or "
+            "libpq's PG* variables, or pass --embedded to use the embedded server",
             ExitCode.CONFIG,
         )
 

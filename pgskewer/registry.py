@@ -18,7 +18,7 @@ from typing import Any
 
 from pgqueuer.models import Context
 
-from pgskewer.graph import Pipeline, normalize
+from pgskewer.graph import Pipeline, names_in, normalize
 
 logger = logging.getLogger("pgskewer")
 
@@ -152,10 +152,18 @@ class Registry:
     def define_pipeline(self, name: str | None, steps: tuple[Any, ...]) -> Pipeline:
         """Build a pipeline from user step arguments, warning about unknown names."""
         definition = Pipeline(normalize(steps, self.name_of), name)
-        from pgskewer.graph import names_in
 
         known = set(self.names())
-        for step_name in names_in(definition.steps):
+        used = list(names_in(definition.steps))
+        for repeated in sorted({step for step in used if used.count(step) > 1}):
+            logger.info(
+                "pipeline %r runs %r more than once; tasks[%r] in later payloads holds its "
+                "latest result, and every result stays in the run's steps",
+                name or "<anonymous>",
+                repeated,
+                repeated,
+            )
+        for step_name in dict.fromkeys(used):
             if step_name not in known and step_name != name:
                 logger.warning(
                     "pipeline %r uses %r, which is not registered here yet; a run fails at "

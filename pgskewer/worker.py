@@ -261,6 +261,12 @@ async def run_worker(
         len(queuer.registry.names()),
         concurrency,
     )
+    if not queuer.registry.names():
+        logger.warning(
+            "worker %s serves no entrypoints: register tasks with @pgq.entrypoint before "
+            "the worker starts, or later from the same process",
+            queuer.worker_id,
+        )
 
     settings = _RunSettings(concurrency, dequeue_timeout, heartbeat_timeout, mode)
     try:

@@ -342,13 +342,13 @@ def test_enqueue_wait_logs_watch(worker: Worker, database: str) -> None:
         "enqueue", "double", '{"x": 21}', "--wait", "--timeout", "20", "--dsn", database
     )
     assert done.returncode == 0, done.stderr
-    run_id, result = done.stdout.splitlines()
+    run_id = _run_id_line(done.stderr)
     assert int(run_id) > 0
-    assert json.loads(result) == {"status": "successful", "ok": True, "result": 42}
+    assert json.loads(done.stdout) == {"status": "successful", "ok": True, "result": 42}
 
     done = pgskewer("enqueue", "pipe", '{"x": 1}', "--wait", "--timeout", "20", "--dsn", database)
     assert done.returncode == 0, done.stderr
-    pipeline = json.loads(done.stdout.splitlines()[1])
+    pipeline = json.loads(done.stdout)
     assert pipeline["ok"] is True
     assert pipeline["result"]["tasks"]["add_one"]["result"] == 3
 
@@ -418,7 +418,7 @@ def test_failed_run_status_and_retry(worker: Worker, database: str) -> None:
 
     done = pgskewer("enqueue", "double", '{"x": 1}', "--wait", "--dsn", database)
     assert done.returncode == 0, done.stderr
-    done = pgskewer("retry", done.stdout.split()[0], "--dsn", database)
+    done = pgskewer("retry", _run_id_line(done.stderr), "--dsn", database)
     line = assert_clean_error(done, 8)
     assert "only a run that ended exception or canceled" in line
 
@@ -515,3 +515,9 @@ def test_processes_start_two_workers(project: Path, database: str) -> None:
         assert alive_workers() == []
     finally:
         stop_process(supervisor.process)
+
+
+def _run_id_line(stderr: str) -> str:
+    """Return the run id that ``enqueue --wait`` prints to stderr as ``run N``."""
+    [line] = [line for line in stderr.splitlines() if line.startswith("run ")]
+    return line.split()[1]
