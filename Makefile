@@ -6,6 +6,7 @@ BIN := $(VENV)/bin
 .PHONY: demo test lint bench install
 
 $(BIN)/.installed: pyproject.toml
+	@echo "Creating $(VENV) and installing pgskewer with its extras (a minute or two)..."
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[notebook,dev]'
@@ -14,7 +15,8 @@ $(BIN)/.installed: pyproject.toml
 install: $(BIN)/.installed
 
 demo: $(BIN)/.installed
-	env -u PGSKEWER_DSN -u DATABASE_URL $(BIN)/python examples/quickstart.py
+	env -u PGSKEWER_DSN -u DATABASE_URL -u PGHOST -u PGPORT -u PGUSER -u PGDATABASE \
+		-u PGPASSWORD $(BIN)/python examples/quickstart.py
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check pgskewer tests benchmarks examples
