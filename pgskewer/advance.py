@@ -37,8 +37,8 @@ INLINE_RESULT_LIMIT = 1024 * 1024
 
 _ACTIVE_SQL = "('pending', 'queued', 'running', 'retrying', 'canceling')"
 
-# Entrypoint names registered in this process, by registry; a step whose name neither
-# this process nor any live worker knows fails when it is due instead of waiting forever.
+# Sources of the entrypoint names registered in this process. A due step whose name is
+# registered neither here nor by any live worker fails instead of waiting forever.
 _local_name_sources: list[weakref.WeakMethod[Callable[[], Iterable[str]]]] = []
 
 
@@ -75,7 +75,7 @@ class DuplicateRunError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Outcome:
-    """How one attempt of a step ended."""
+    """The end of one attempt of a step: its status, stored result text and error."""
 
     status: Status
     result_text: str | None = None
@@ -189,8 +189,8 @@ async def convert_to_pipeline(
 ) -> None:
     """Turn a one-step run into a pipeline run with ``graph`` and enqueue its first steps.
 
-    A process that does not know a pipeline (the CLI, a web app) enqueues its name as a
-    task; the worker that knows the pipeline converts the run when it picks the job.
+    A process without the pipeline's definition (the CLI, a web app) enqueues its name as a
+    task. The worker that registered the pipeline converts the run when it picks the job.
     """
     async with connection.transaction():
         run = await _lock_run(connection, settings, run_id)
@@ -641,7 +641,12 @@ def _node_result_json(run: RunRow, node: Node, results: Mapping[str, Any]) -> st
     # Inside a run that goes on, an exception can only come from a crashable step.
     failed = any(leaf["path"] == run.failed_step for leaf in leaves)
     canceled = any(row["status"] == "canceled" for row in rows if row)
-    status = "exception" if failed else "canceled" if canceled else "successful"
+    if failed:
+        status = "exception"
+    elif canceled:
+        status = "canceled"
+    else:
+        status = "successful"
     ok = status == "successful"
     tasks = tasks_json(run, inner, results)
     return (

@@ -217,7 +217,7 @@ class Runner:
                 outcome = await self._failure(claim, options, exc, timed_out=False)
             else:
                 # The worker itself is being stopped: hand the step to another worker
-                # instead of leaving it running with nobody to finish it.
+                # instead of leaving it running with no worker to finish it.
                 await self._interrupted(claim)
                 raise
         else:

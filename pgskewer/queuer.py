@@ -558,7 +558,8 @@ class ImprovedQueuer:
 
     def _on_event(self, event: dict[str, Any]) -> None:
         # The job-log trigger flags a run canceling when pgqueuer cancels one of its
-        # steps; whoever hears it winds the run down (the work is idempotent).
+        # steps. Every worker that receives the event winds the run down, which is
+        # idempotent.
         if (
             event.get("step") == ""
             and event.get("status") == "canceling"
