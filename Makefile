@@ -29,3 +29,4 @@ bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/bench_pipelines.py
 	$(BIN)/python benchmarks/bench_result_wakeup.py
 	$(BIN)/python benchmarks/bench_unblock.py
+	$(BIN)/python benchmarks/bench_widget.py

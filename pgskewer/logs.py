@@ -60,7 +60,21 @@ class LogWriter:
     def _add(self, key: tuple[int, str], stream: Stream, text: str) -> None:
         count = self._counts.get(key, 0)
         if count >= MAX_LINES_PER_STEP:
-            self._dropped[key] = self._dropped.get(key, 0) + 1
+            dropped = self._dropped.get(key, 0)
+            if dropped == 0:
+                # Said when it happens, so a live view does not look stuck.
+                self._pending.append(
+                    (
+                        key[0],
+                        key[1],
+                        "system",
+                        count,
+                        f"[pgskewer] this step reached {MAX_LINES_PER_STEP} stored lines; "
+                        "later lines are dropped",
+                    )
+                )
+                self._schedule_flush()
+            self._dropped[key] = dropped + 1
             return
         self._counts[key] = count + 1
         if len(text) > MAX_LINE_CHARS:
