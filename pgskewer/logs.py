@@ -250,7 +250,9 @@ class _SinkStream(io.TextIOBase):
             sink(self._stream, rest)
 
     def flush(self) -> None:
-        self.target.flush()
+        # The real stream may be closed already at interpreter exit (pytest closes its own).
+        with contextlib.suppress(ValueError, OSError):
+            self.target.flush()
 
     def isatty(self) -> bool:
         return False
