@@ -253,6 +253,8 @@ async def run_worker(
     )
     supervisor = _Supervisor(queuer)
     _supervisors[queuer] = supervisor
+    # A previous stop of this queuer's worker may have left it set.
+    queuer.releasing = False
     queuer._presence = presence
     await presence.start()
     logger.info(
