@@ -240,8 +240,14 @@ async def _enqueue(
         payloads,
         [priority] * len(nodes),
         [execute_after] * len(nodes),
+        headers=[dict(PGSKEWER_JOB_HEADER)] * len(nodes),
     )
     return [int(job_id) for job_id in ids if job_id is not None]
+
+
+#: The header on every job pgskewer enqueues. A job without it was enqueued with
+#: pgqueuer's own API and gets its run when a worker picks it.
+PGSKEWER_JOB_HEADER: dict[str, str] = {"pgskewer": "step"}
 
 
 async def _lock_run(connection: Any, settings: Settings, run_id: int) -> RunRow | None:

@@ -21,7 +21,7 @@ import logging
 import os
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import unquote, urlsplit
 
@@ -454,6 +454,36 @@ async def cmd_workers(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+async def cmd_prune(args: argparse.Namespace) -> int:
+    """Delete finished runs and pgqueuer log rows older than ``--older-than``."""
+    from pgskewer.prune import prune
+
+    async with open_queuer(args.dsn) as queuer:
+        async with queuer.pool.acquire() as connection:
+            counts = await prune(connection, queuer.settings, args.older_than)
+    if args.json:
+        _print_json(counts)
+    else:
+        deleted = ", ".join(f"{table}: {count}" for table, count in counts.items())
+        print(f"deleted rows older than {args.older_than}: {deleted}")
+    return ExitCode.OK
+
+
+def _age(text: str) -> timedelta:
+    """Parse an age such as ``7d``, ``12h``, ``30m`` or ``90s``."""
+    units = {"d": "days", "h": "hours", "m": "minutes", "s": "seconds"}
+    number, unit = text[:-1], text[-1:].lower()
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1.0
+    if unit not in units or value <= 0:
+        raise argparse.ArgumentTypeError(
+            f"invalid age {text!r}: use a positive number with d, h, m or s, such as 7d"
+        )
+    return timedelta(**{units[unit]: value})
+
+
 def _workers_table(workers: Sequence[dict[str, Any]]) -> RenderableType:
     from rich.table import Table
     from rich.text import Text
@@ -707,6 +737,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     workers = add("workers", cmd_workers, "list registered workers")
     workers.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    prune = add("prune", cmd_prune, "delete finished runs and pgqueuer log rows older than an age")
+    prune.add_argument(
+        "--older-than",
+        type=_age,
+        required=True,
+        metavar="AGE",
+        help="age such as 7d, 12h, 30m or 90s; runs still in flight are never deleted",
+    )
+    prune.add_argument("--json", action="store_true", help="print the counts as JSON")
 
     runs = add("runs", cmd_runs, "list recent runs, newest first")
     runs.add_argument("--status", choices=[status.value for status in Status])

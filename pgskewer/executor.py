@@ -142,6 +142,11 @@ class Runner:
     async def _adopt(self, connection: Any) -> store.Claim | None:
         # A job enqueued with pgqueuer's own API has no run yet: this entrypoint's run
         # starts here, as a one-step task run or as a pipeline whose steps get enqueued.
+        if (self.job.headers or {}).get("pgskewer") is not None:
+            # pgskewer enqueued this job, but its step has moved on to another job (a
+            # retry or a release), so this delivery is stale.
+            logger.info("job %d belongs to no step any more; not running it", self.job.id)
+            return None
         pipeline = self.queuer.registry.pipeline(self.name)
         kind = "pipeline" if pipeline is not None else "task"
         graph = resolve_graph(self.name, kind, pipeline, self.queuer.registry.pipeline)

@@ -33,6 +33,13 @@ F = TypeVar("F", bound=TaskFunction)
 #: Default pool size of a queuer that builds its own pool.
 DEFAULT_POOL_SIZE = 10
 
+#: The largest payload ``enqueue`` accepts, in bytes. A payload is stored twice (the
+#: first job and the run's input), and every step of a pipeline reads it.
+MAX_PAYLOAD_BYTES = 64 * 1024 * 1024
+
+#: The longest entrypoint name, in UTF-8 bytes; pgqueuer indexes the name.
+MAX_NAME_BYTES = 1000
+
 
 class RunNotFoundError(LookupError):
     """No run (and no pgqueuer job) has this id."""
@@ -310,7 +317,14 @@ class ImprovedQueuer:
         flight, for the whole run (not only while its first job is queued).
         """
         pool = await self._ready()
+        _check_entrypoint_name(name)
         data = _encode_payload(payload)
+        if data is not None and len(data) > MAX_PAYLOAD_BYTES:
+            raise ValueError(
+                f"the payload of {name!r} is {len(data)} bytes, above the limit of "
+                f"{MAX_PAYLOAD_BYTES}; store large data elsewhere (a table, a file) and "
+                "pass a reference to it"
+            )
         delay = _delay(execute_after)
         pipeline = self.registry.pipeline(name)
         kind = "pipeline" if pipeline is not None else "task"
@@ -592,8 +606,10 @@ class ImprovedQueuer:
         worker looks for due jobs every ``dequeue_timeout`` seconds (pgqueuer: 30) so
         retries and deferred jobs start promptly; and a dead worker's jobs are taken over
         as soon as its database session ends, so ``heartbeat_timeout`` (pgqueuer: 30 s) is
-        only the last resort and defaults to 10 minutes, which keeps a worker whose loop
-        is briefly blocked from having its jobs run twice.
+        only the last resort and defaults to 10 minutes. While a worker's session lives,
+        the other workers keep its jobs' heartbeats fresh, so a worker whose loop is
+        blocked for a while does not have its jobs run twice. Workers sharing a queue
+        should use the same ``heartbeat_timeout``.
         """
         from pgskewer.worker import run_worker
 
@@ -652,10 +668,20 @@ async def create_pool(dsn: str, size: int = DEFAULT_POOL_SIZE) -> Any:
         return await asyncpg.create_pool(
             dsn, min_size=1, max_size=max(2, size), reset=_keep_session
         )
+    except ValueError as exc:
+        raise ValueError(
+            f"invalid DSN {describe_dsn(dsn)}: {_redacted(str(exc), dsn)}; "
+            "use postgresql://user:password@host:port/database"
+        ) from None
     except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
+        if isinstance(exc, asyncpg.TooManyConnectionsError):
+            fix = "the server has no free connection slots; close idle clients or raise "
+            fix += "max_connections"
+        else:
+            fix = "check that the server runs and the DSN is right"
         raise ConnectionError(
             f"cannot connect to PostgreSQL at {describe_dsn(dsn)}: {type(exc).__name__}: "
-            f"{_redacted(str(exc), dsn)}; check that the server runs and the DSN is right"
+            f"{_redacted(str(exc), dsn)}; {fix}"
         ) from None
 
 
@@ -747,3 +773,16 @@ def _delay(execute_after: timedelta | float | datetime | None) -> timedelta | No
             raise ValueError("execute_after must be timezone-aware; use datetime.now(UTC) + ...")
         return max(timedelta(0), execute_after - datetime.now(execute_after.tzinfo))
     return timedelta(seconds=float(execute_after))
+
+
+def _check_entrypoint_name(name: str) -> None:
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"invalid entrypoint name {name!r}: use a non-empty string")
+    size = len(name.encode("utf-8", "surrogatepass"))
+    if size > MAX_NAME_BYTES:
+        raise ValueError(
+            f"entrypoint name {name[:40]!r}... is {size} bytes long, above the limit of "
+            f"{MAX_NAME_BYTES}; use a shorter name"
+        )
+    if "\x00" in name:
+        raise ValueError(f"invalid entrypoint name {name!r}: it contains a NUL character")

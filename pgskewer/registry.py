@@ -185,6 +185,10 @@ class Registry:
 def _check_name(name: str) -> None:
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"invalid entrypoint name {name!r}: use a non-empty string")
+    if "\x00" in name:
+        raise ValueError(f"invalid entrypoint name {name!r}: it contains a NUL character")
+    if len(name.encode("utf-8", "surrogatepass")) > 1000:
+        raise ValueError(f"entrypoint name {name[:40]!r}... is too long: use at most 1000 bytes")
 
 
 def _check_task_function(name: str, function: Any) -> None:

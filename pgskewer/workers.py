@@ -272,6 +272,9 @@ class WorkerPresence:
 
         A worker whose event loop is blocked cannot send its own heartbeats; this keeps
         pgqueuer from handing its jobs to another worker. Returns how many jobs it touched.
+
+        NOTE: it refreshes jobs older than a quarter of this worker's own heartbeat
+        timeout, so workers sharing a queue should use the same ``heartbeat_timeout``.
         """
         async with self._pool.acquire() as connection:
             status = await connection.execute(

@@ -521,3 +521,16 @@ def _run_id_line(stderr: str) -> str:
     """Return the run id that ``enqueue --wait`` prints to stderr as ``run N``."""
     [line] = [line for line in stderr.splitlines() if line.startswith("run ")]
     return line.split()[1]
+
+
+def test_prune_keeps_recent_runs(database: str) -> None:
+    assert pgskewer("install", "--dsn", database).returncode == 0
+
+    done = pgskewer("prune", "--older-than", "7d", "--json", "--dsn", database)
+    assert done.returncode == 0, done.stderr
+    counts = json.loads(done.stdout)
+    assert counts["runs"] == 0
+
+    bad = pgskewer("prune", "--older-than", "soon", "--dsn", database)
+    assert bad.returncode == 64
+    assert "invalid age 'soon'" in bad.stderr
