@@ -39,6 +39,21 @@ def _server_reachable(dsn: str) -> bool:
     return asyncio.run(probe())
 
 
+def database_of(dsn: str) -> str:
+    """Return the database name of a URL DSN, also one with ``?host=/socket/folder``."""
+    from urllib.parse import urlsplit
+
+    return urlsplit(dsn).path.lstrip("/")
+
+
+def socket_or_host(dsn: str) -> str:
+    """Return the host of a URL DSN: its ``?host=`` socket folder, or its host name."""
+    from urllib.parse import parse_qs, urlsplit
+
+    parts = urlsplit(dsn)
+    return parse_qs(parts.query).get("host", [parts.hostname or "127.0.0.1"])[0]
+
+
 def with_database(dsn: str, database: str) -> str:
     """Return ``dsn`` pointing at ``database`` instead of its own database."""
     from urllib.parse import urlsplit, urlunsplit

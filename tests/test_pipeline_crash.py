@@ -27,6 +27,7 @@ import pytest
 from support.harness import WAIT, result_of, wait_until
 
 from pgskewer import ImprovedQueuer, Status
+from tests.conftest import database_of
 
 pytestmark = pytest.mark.anyio
 
@@ -321,7 +322,7 @@ async def test_kill_before_first_step(crash: Crash, dsn: str) -> None:
     # test holds, so it dies after pgqueuer's pick and before any step code ran. The
     # server setting makes the dead worker's backend abort that waiting statement
     # within 100 ms instead of finishing it once the lock is released.
-    database = dsn.rsplit("/", 1)[1]
+    database = database_of(dsn)
     async with crash.pgq.pool.acquire() as connection:
         await connection.execute(
             f"ALTER DATABASE \"{database}\" SET client_connection_check_interval = '100ms'"

@@ -17,6 +17,7 @@ from support.harness import result_of, running_worker
 
 import pgskewer
 from pgskewer import ImprovedQueuer, schema
+from tests.conftest import socket_or_host
 
 pytestmark = pytest.mark.anyio
 
@@ -127,13 +128,16 @@ def run_legacy_pgq(dsn: str, *arguments: str) -> subprocess.CompletedProcess[str
     parts = urlsplit(dsn)
     environment = {
         **os.environ,
-        "PGHOST": parts.hostname or "127.0.0.1",
+        "PGHOST": socket_or_host(dsn),
         "PGPORT": str(parts.port or 5432),
         "PGUSER": parts.username or "postgres",
         "PGDATABASE": parts.path.lstrip("/"),
     }
     if parts.password:
         environment["PGPASSWORD"] = parts.password
+    # pgqueuer 0.24 joins host and port into a URL, which fails for a socket folder;
+    # a DSN of its own reaches the embedded server too.
+    environment["PGDSN"] = dsn
     completed = subprocess.run(
         [str(legacy_python()), "-m", "pgqueuer", *arguments],
         env=environment,

@@ -213,6 +213,8 @@ def _with_password(dsn: str, password: str) -> str:
 
 @pytest.mark.timeout(120)
 async def test_password_never_shown(dsn: str, caplog: Any) -> None:
+    if urlsplit(dsn).hostname is None:
+        pytest.skip("the test server is reached over a unix socket, which takes no password")
     secret_dsn = _with_password(dsn, SENTINEL)
     texts: list[str] = []
     caplog.set_level(logging.DEBUG)

@@ -10,7 +10,7 @@ import anyio
 import asyncpg
 import pytest
 
-from tests.conftest import SYSTEM_DSN
+from tests.conftest import database_of
 from tests.faults.conftest import TemporaryCluster, WorkerProcesses, prepared_client
 from tests.faults.outage import check_outcome, run_through_outage
 
@@ -43,10 +43,10 @@ async def test_postgres_restart_mid_run(
 
 @pytest.mark.timeout(240)
 async def test_terminated_connections_mid_run(
-    dsn: str, client: Any, workers: WorkerProcesses
+    dsn: str, client: Any, workers: WorkerProcesses, system_databases: Any
 ) -> None:
-    database = dsn.rsplit("/", 1)[1]
-    admin = await asyncpg.connect(SYSTEM_DSN)
+    database = database_of(dsn)
+    admin = await asyncpg.connect(system_databases.admin_dsn)
 
     async def terminate_all() -> None:
         for _ in range(2):
