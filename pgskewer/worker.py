@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import asyncpg
 from pgqueuer import AsyncpgPoolDriver, PgQueuer
+from pgqueuer.core import listeners
 from pgqueuer.core.qm import QueueManager
 from pgqueuer.models import Context, Job
-from pgqueuer.ports.driver import NotifyCallback
 from pgqueuer.types import JobId, QueueExecutionMode, QueueManagerId
 
 from pgskewer import advance, schema
@@ -53,8 +53,8 @@ STABLE_AFTER = 30.0
 #: Picked jobs of this worker that no generation runs are released after this many
 #: seconds, which leaves pgqueuer's status buffer time to record finished jobs first.
 ORPHAN_GRACE = 2.0
-#: Seconds within which pgqueuer's table-change events are merged into one.
-EVENT_WINDOW = 0.05
+#: Wake-ups pgqueuer keeps pending at most; a worker's batch size must stay below it.
+MAX_PENDING_WAKEUPS = 1024
 #: Seconds between two checks of a generation's LISTEN connection.
 LISTENER_CHECK_INTERVAL = 0.5
 #: Seconds between two searches for running steps whose job is gone.
@@ -124,47 +124,26 @@ class _ResilientQueueManager(QueueManager):
             self._stop_claiming(exc)
 
 
-class _CoalescingPoolDriver(AsyncpgPoolDriver):
-    """pgqueuer's pool driver that forwards at most one table-change event per window.
+class _BoundedWakeups(listeners.PGNoticeEventListener):
+    """pgqueuer's queue of table-change wake-ups, bounded at :data:`MAX_PENDING_WAKEUPS`.
 
-    pgqueuer 1.6 puts every table-change NOTIFY of its channel into an unbounded queue and
-    takes at most one out per dispatched job or idle wait. Every step a pgskewer worker
-    finishes enqueues the next one, and every worker hears every enqueue and every batch
-    of finished jobs, so under load the queue grows by thousands of events a minute. The
-    events only wake the dequeue loop: one per :data:`EVENT_WINDOW` seconds, plus one at
-    the end of a burst, wakes it as well. Cancellation and health-check events pass
-    unchanged.
+    pgqueuer 1.6 puts every table-change NOTIFY of its channel into this queue and takes
+    at most one out per dispatched job or idle wait, so under load it grows by thousands
+    of events a minute. The events only wake the dequeue loop, which waits only while the
+    queue is empty. A wake-up dropped while the queue is full is therefore never missed:
+    at least ``MAX_PENDING_WAKEUPS - batch_size`` others remain, and each leads to one
+    more dequeue. Unlike merging events in time windows, this adds no latency.
     """
 
-    async def add_listener(self, channel: str, callback: NotifyCallback) -> None:
-        await super().add_listener(channel, _coalesced(callback))
+    def put_nowait(self, item: Any) -> None:
+        if self.qsize() < MAX_PENDING_WAKEUPS:
+            super().put_nowait(item)
 
 
-def _coalesced(callback: NotifyCallback) -> NotifyCallback:
-    loop = asyncio.get_running_loop()
-    last_sent = -EVENT_WINDOW
-    trailing: asyncio.TimerHandle | None = None
-
-    def send_trailing(payload: str | bytes | bytearray) -> None:
-        nonlocal last_sent, trailing
-        trailing = None
-        last_sent = loop.time()
-        callback(payload)
-
-    def receive(payload: str | bytes | bytearray) -> None:
-        nonlocal last_sent, trailing
-        text = payload if isinstance(payload, str) else bytes(payload).decode(errors="replace")
-        if '"table_changed_event"' not in text:
-            callback(payload)
-            return
-        now = loop.time()
-        if now - last_sent >= EVENT_WINDOW and trailing is None:
-            last_sent = now
-            callback(payload)
-        elif trailing is None:
-            trailing = loop.call_later(last_sent + EVENT_WINDOW - now, send_trailing, payload)
-
-    return receive
+def _bound_pgqueuer_wakeups() -> None:
+    # pgqueuer's queue manager builds this queue through the module attribute when it
+    # starts, so the bound applies to every queue manager of this process.
+    listeners.PGNoticeEventListener = _BoundedWakeups  # type: ignore[misc]
 
 
 class _Supervisor:
@@ -233,6 +212,11 @@ async def run_worker(
     """
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+    if concurrency // 2 >= MAX_PENDING_WAKEUPS:
+        raise ValueError(
+            f"concurrency must be below {2 * MAX_PENDING_WAKEUPS}, got {concurrency}; "
+            "run more worker processes instead"
+        )
     if heartbeat_timeout <= 0:
         raise ValueError(f"heartbeat_timeout must be > 0 seconds, got {heartbeat_timeout}")
 
@@ -399,7 +383,8 @@ async def _supervise(supervisor: _Supervisor, settings: _RunSettings) -> None:
 def _new_generation(supervisor: _Supervisor) -> _ResilientQueueManager:
     """Build a fresh pgqueuer on the queuer's pool and make it the queuer's current one."""
     queuer = supervisor.queuer
-    pgq = PgQueuer(_CoalescingPoolDriver(queuer.pool), channel=queuer.pgq.channel)
+    _bound_pgqueuer_wakeups()
+    pgq = PgQueuer(AsyncpgPoolDriver(queuer.pool), channel=queuer.pgq.channel)
     assert pgq.queries is not None
     qm = _ResilientQueueManager(pgq.queries, pgq.channel, resources=pgq.resources)
     qm.queue_manager_id = QueueManagerId(queuer.worker_id)
