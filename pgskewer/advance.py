@@ -26,7 +26,7 @@ from pgskewer.graph import (
     ready_tasks,
     top_level_nodes,
 )
-from pgskewer.model import ErrorInfo, Status
+from pgskewer.model import ACTIVE_STATUSES, ErrorInfo, Status
 from pgskewer.schema import Settings, pgqueuer_queries
 
 logger = logging.getLogger("pgskewer")
@@ -35,7 +35,6 @@ logger = logging.getLogger("pgskewer")
 #: later steps; the payload carries ``result: None`` and a ``result_ref`` instead.
 INLINE_RESULT_LIMIT = 1024 * 1024
 
-_ACTIVE_SQL = "('pending', 'queued', 'running', 'retrying', 'canceling')"
 
 # Sources of the entrypoint names registered in this process. A due step whose name is
 # registered neither here nor by any live worker fails instead of waiting forever.
@@ -388,7 +387,7 @@ async def settle(connection: Any, settings: Settings, run: RunRow) -> Status:
     if run.status is Status.CANCELING:
         await _wind_down(connection, settings, run, steps)
         steps = await _step_rows(connection, settings, run.id)
-        if any(Status(row["status"]) in _ACTIVE for row in steps.values()):
+        if any(Status(row["status"]) in ACTIVE_STATUSES for row in steps.values()):
             return Status.CANCELING
         final = Status.EXCEPTION if run.failed_step else Status.CANCELED
         await _finish_run(connection, settings, run, final, steps)
@@ -437,11 +436,6 @@ async def _unserved(connection: Any, settings: Settings, nodes: list[Node]) -> l
         return []
     served = {row["name"] for row in rows}
     return [node for node in missing if node["name"] not in served]
-
-
-_ACTIVE = frozenset(
-    {Status.PENDING, Status.QUEUED, Status.RUNNING, Status.RETRYING, Status.CANCELING}
-)
 
 
 async def _step_rows(connection: Any, settings: Settings, run_id: int) -> dict[str, Any]:
@@ -511,7 +505,7 @@ async def schedule_retry(
     """
     async with connection.transaction():
         run = await _lock_run(connection, settings, run_id)
-        if run is None or run.status in (Status.CANCELING, *TERMINAL):
+        if run is None or run.status is Status.CANCELING or run.status.is_terminal:
             return False
         # A task run's job carries the run input as its payload, like its first attempt.
         payload = run.input if run.kind == "task" else None
@@ -527,9 +521,6 @@ async def schedule_retry(
             json.dumps(error),
         )
     return True
-
-
-TERMINAL = (Status.SUCCESSFUL, Status.EXCEPTION, Status.CANCELED, Status.SKIPPED)
 
 
 async def _finish_run(
@@ -793,7 +784,7 @@ async def release_step(
     """
     async with connection.transaction():
         run = await _lock_run(connection, settings, run_id)
-        if run is None or run.status in (Status.CANCELING, *TERMINAL):
+        if run is None or run.status is Status.CANCELING or run.status.is_terminal:
             return False
         payload = run.input if run.kind == "task" else None
         [job_id] = await _enqueue(connection, [{"name": task}], [payload], run.priority, None)

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from pgskewer.workers import connection_lost_reason, is_connection_lost
@@ -181,13 +181,6 @@ class EventHub:
         for callback in list(self._callbacks):
             with contextlib.suppress(Exception):
                 callback({"run": 0, "reconnected": True})
-
-
-async def until_changed(subscription: Subscription) -> AsyncIterator[None]:
-    """Yield once now and then after every wake-up of ``subscription``."""
-    while True:
-        yield
-        await subscription.wait()
 
 
 async def read_through_outage(read: Callable[[], Awaitable[T]]) -> T:

@@ -22,7 +22,12 @@ from pgskewer.executor import StepExecutor, new_worker_id
 from pgskewer.graph import Pipeline, resolve_graph
 from pgskewer.logs import LogWriter, read_lines, tail_start
 from pgskewer.model import LogLine, RunState, Status, TaskResult
-from pgskewer.registry import Registry, TaskFunction, TaskOptions
+from pgskewer.registry import (
+    Registry,
+    TaskFunction,
+    TaskOptions,
+    check_entrypoint_name,
+)
 from pgskewer.schema import DEFAULT_SETTINGS, Settings
 from pgskewer.workers import WorkerPresence, list_workers, served_entrypoints
 
@@ -36,9 +41,6 @@ DEFAULT_POOL_SIZE = 10
 #: The largest payload ``enqueue`` accepts, in bytes. A payload is stored twice (the
 #: first job and the run's input), and every step of a pipeline reads it.
 MAX_PAYLOAD_BYTES = 64 * 1024 * 1024
-
-#: The longest entrypoint name, in UTF-8 bytes; pgqueuer indexes the name.
-MAX_NAME_BYTES = 1000
 
 
 class RunNotFoundError(LookupError):
@@ -317,7 +319,7 @@ class ImprovedQueuer:
         flight, for the whole run (not only while its first job is queued).
         """
         pool = await self._ready()
-        _check_entrypoint_name(name)
+        check_entrypoint_name(name)
         data = _encode_payload(payload)
         if data is not None and len(data) > MAX_PAYLOAD_BYTES:
             raise ValueError(
@@ -773,16 +775,3 @@ def _delay(execute_after: timedelta | float | datetime | None) -> timedelta | No
             raise ValueError("execute_after must be timezone-aware; use datetime.now(UTC) + ...")
         return max(timedelta(0), execute_after - datetime.now(execute_after.tzinfo))
     return timedelta(seconds=float(execute_after))
-
-
-def _check_entrypoint_name(name: str) -> None:
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"invalid entrypoint name {name!r}: use a non-empty string")
-    size = len(name.encode("utf-8", "surrogatepass"))
-    if size > MAX_NAME_BYTES:
-        raise ValueError(
-            f"entrypoint name {name[:40]!r}... is {size} bytes long, above the limit of "
-            f"{MAX_NAME_BYTES}; use a shorter name"
-        )
-    if "\x00" in name:
-        raise ValueError(f"invalid entrypoint name {name!r}: it contains a NUL character")

@@ -108,7 +108,7 @@ class Registry:
 
     def add_pipeline(self, name: str, pipeline: Pipeline) -> Pipeline:
         """Register or replace the pipeline ``name``."""
-        _check_name(name)
+        check_entrypoint_name(name)
         named = dataclasses.replace(pipeline, name=name)
         with self._lock:
             self.tasks.pop(name, None)
@@ -182,17 +182,27 @@ class Registry:
             listener(name)
 
 
-def _check_name(name: str) -> None:
+#: The longest entrypoint name, in UTF-8 bytes. pgqueuer indexes the name, and this stays
+#: well below the index's row limit.
+MAX_NAME_BYTES = 1000
+
+
+def check_entrypoint_name(name: str) -> None:
+    """Raise ``ValueError`` naming ``name`` when it cannot be an entrypoint name."""
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"invalid entrypoint name {name!r}: use a non-empty string")
+    size = len(name.encode("utf-8", "surrogatepass"))
+    if size > MAX_NAME_BYTES:
+        raise ValueError(
+            f"entrypoint name {name[:40]!r}... is {size} bytes long, above the limit of "
+            f"{MAX_NAME_BYTES}; use a shorter name"
+        )
     if "\x00" in name:
         raise ValueError(f"invalid entrypoint name {name!r}: it contains a NUL character")
-    if len(name.encode("utf-8", "surrogatepass")) > 1000:
-        raise ValueError(f"entrypoint name {name[:40]!r}... is too long: use at most 1000 bytes")
 
 
 def _check_task_function(name: str, function: Any) -> None:
-    _check_name(name)
+    check_entrypoint_name(name)
     if not inspect.iscoroutinefunction(function) and not inspect.iscoroutinefunction(
         getattr(function, "__call__", None)  # noqa: B004
     ):
