@@ -187,7 +187,7 @@ StatusOf = Callable[[str], Status]
 
 
 def is_complete(node: Node, status_of: StatusOf) -> bool:
-    """Whether every task under ``node`` reached a terminal status."""
+    """Return whether every task under ``node`` reached a terminal status."""
     return all(status_of(task["path"]).is_terminal for task in iter_tasks(node))
 
 

@@ -3,8 +3,8 @@
 Lines reach a :class:`LogWriter` through the output sink of the running step. They are
 inserted in batches (one statement and one NOTIFY per batch, at most every
 :data:`FLUSH_INTERVAL` seconds), so a chatty step costs a few statements per second.
-A step keeps at most :data:`MAX_LINES_PER_STEP` lines per attempt; after that one marker
-line says how many were dropped.
+A step keeps at most :data:`MAX_LINES_PER_STEP` lines per attempt. After that, marker lines
+record that lines were dropped and how many.
 """
 
 from __future__ import annotations

@@ -80,7 +80,7 @@ class TaskResult(TypedDict):
     ``status`` is ``successful``, ``exception`` or ``canceled``. Failures are returned as
     values with ``ok=False`` and an ``error``; a pipeline that failed also names the step in
     ``failed_step``. ``result`` is ``None`` when the entrypoint has ``store_results=False``
-    or when the value was larger than the inline limit, in which case ``result_ref`` says
+    or when the value was larger than the inline limit, in which case ``result_ref`` names
     where to load it from with ``ImprovedQueuer.load_result``.
     """
 

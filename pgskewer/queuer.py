@@ -450,7 +450,7 @@ class ImprovedQueuer:
     async def cancel(self, run_id: int | list[int]) -> Status:
         """Cancel a run (or the run of a step's job id); return its status afterwards.
 
-        Queued steps are removed at once and running cancelable steps are cancelled; the
+        Queued steps are removed at once and running cancelable steps are cancelled. The
         run ends ``canceled`` when every step is terminal, so a running
         ``cancelable=False`` step keeps it ``canceling`` until that step ends.
         """

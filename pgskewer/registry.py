@@ -27,7 +27,7 @@ TaskFunction = Callable[..., Awaitable[Any]]
 
 @dataclasses.dataclass(frozen=True)
 class TaskOptions:
-    """How pgskewer runs one entrypoint.
+    """Options of one entrypoint, which control how pgskewer runs it.
 
     ``cancelable``: a pipeline cancel or a sibling's failure cancels the running step;
     ``False`` lets it finish and keeps its result. ``store_results``: store the returned
@@ -157,7 +157,7 @@ class Registry:
         used = list(names_in(definition.steps))
         for repeated in sorted({step for step in used if used.count(step) > 1}):
             logger.info(
-                "pipeline %r runs %r more than once; tasks[%r] in later payloads holds its "
+                "pipeline %r runs %r more than once; tasks[%r] in later payloads contains its "
                 "latest result, and every result stays in the run's steps",
                 name or "<anonymous>",
                 repeated,

@@ -143,7 +143,7 @@ def embedded_databases() -> Iterator[DatabaseFactory]:
     """Databases on the embedded server, started by the test run itself."""
     try:
         factory = _embedded_factory()
-    except Exception as exc:  # the run must say loudly that this backend is missing
+    except Exception as exc:  # the run must fail loudly when this backend is missing
         if IN_CI:
             pytest.fail(f"embedded PostgreSQL failed to start: {exc!r}", pytrace=False)
         pytest.skip(f"embedded PostgreSQL failed to start: {exc!r}")

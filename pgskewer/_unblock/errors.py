@@ -13,7 +13,7 @@ class RemoteError(UnblockError):
     """An exception from ``fn`` that could not be recreated in the caller.
 
     ``unblock`` raises this instead of the original exception when that exception cannot
-    be pickled in the child or unpickled in the caller. It also stands in for
+    be pickled in the child or unpickled in the caller. It also replaces
     ``BaseException`` subclasses that are not ``Exception`` (``SystemExit``,
     ``KeyboardInterrupt``), because those must not end the caller's process or task.
     """

@@ -409,7 +409,7 @@ class Session:
             )
         if isinstance(step, list | tuple):
             return [self._qualify_step(member) for member in step]
-        return step  # a registered function: the queuer knows its full name
+        return step  # a registered function: the queuer has its full name
 
     # -- runs -----------------------------------------------------------------------
 
