@@ -141,8 +141,19 @@ class TemporaryCluster:
         return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
 
     def _run(self, *command: str) -> None:
-        prefix = ["runuser", "-u", self.user, "--"] if self.user else []
-        subprocess.run([*prefix, *command], check=True, capture_output=True, timeout=120)
+        options: dict[str, Any] = {}
+        if self.user:
+            # subprocess switches the user itself, so no runuser or sudo has to be on PATH.
+            import pwd
+
+            entry = pwd.getpwnam(self.user)
+            options = {
+                "user": entry.pw_uid,
+                "group": entry.pw_gid,
+                "extra_groups": [],
+                "cwd": self.base,
+            }
+        subprocess.run(list(command), check=True, capture_output=True, timeout=120, **options)
 
     def init(self) -> None:
         self._run(
